@@ -1,0 +1,3 @@
+"""postdiff: an edge deployment compiler for diffusion models."""
+
+__version__ = "0.1.0"
