@@ -1,1 +1,142 @@
-def main(argv=None): return 0
+"""The `postdiff` command line: a thin argparse layer over library functions.
+
+Each subcommand imports only what it needs, so the device-side commands (`generate`) never import
+torch. Errors a user can fix are printed as one line on stderr with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from postdiff import __version__
+from postdiff.runtime.errors import InputError, PostdiffError
+
+EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Export a diffusers model to a bundle (needs the [export] extra: torch, diffusers, onnx)."""
+    from postdiff.exporter.export import ExportOptions, export_bundle, parse_resolution
+
+    resolution = parse_resolution(args.resolution) if args.resolution else None
+    options = ExportOptions(source=args.model, out=Path(args.out), resolution=resolution, precision=args.precision)
+    started = time.perf_counter()
+    manifest = export_bundle(options, progress=not args.quiet)
+    graphs = ", ".join(f"{name} (parity {g.parity.max_abs_diff:.1e})" for name, g in sorted(manifest.graphs.items()))
+    print(f"wrote {args.out} in {time.perf_counter() - started:.1f} s: {graphs}")
+    return EXIT_OK
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    """Generate an image from a bundle, torch-free (numpy + onnxruntime)."""
+    import numpy as np
+
+    from postdiff.runtime.image import save_png
+    from postdiff.runtime.pipeline import GenerateOptions, Pipeline
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise InputError(f"--out {out} already exists; choose another file or pass --overwrite")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                              steps=args.steps, guidance=args.guidance, scheduler=args.scheduler)
+    options.validate()
+    latents = _load_latents(Path(args.latents)) if args.latents else None
+    pipeline = Pipeline(Path(args.bundle), provider=args.provider)
+    started = time.perf_counter()
+    result = pipeline.generate(options, latents=latents, progress=not args.quiet)
+    elapsed = time.perf_counter() - started
+    save_png(result.image, out)
+    if args.save_latents:
+        np.save(args.save_latents, result.latents)
+    print(f"wrote {out} ({result.image.shape[1]}x{result.image.shape[0]}) in {elapsed:.2f} s")
+    return EXIT_OK
+
+
+def _load_latents(path: Path):  # -> np.ndarray
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"--latents {path} is not a readable .npy array ({exc})") from None
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """Export a model and generate a small set of images with it, end to end."""
+    from postdiff.tools.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(model=args.model, out=Path(args.out), samples=args.samples), progress=not args.quiet)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used to render --help)."""
+    parser = argparse.ArgumentParser(
+        prog="postdiff",
+        description="Edge deployment compiler for diffusion models: export a diffusers model to an ONNX "
+                    "bundle on a workstation, then generate with it torch-free on the device.",
+    )
+    parser.add_argument("--version", action="version", version=f"postdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    export = sub.add_parser("export", help=_cmd_export.__doc__, description=_cmd_export.__doc__)
+    export.add_argument("model", help="local diffusers folder (SD 1.x/2.x layout) or a built-in spec: "
+                                      "random:tiny-sd, random:sd15")
+    export.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
+    export.add_argument("--resolution", metavar="HxW", help="image size in pixels (default: the model's)")
+    export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="graph precision")
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(handler=_cmd_export)
+
+    gen = sub.add_parser("generate", help=_cmd_generate.__doc__, description=_cmd_generate.__doc__)
+    gen.add_argument("bundle", help="bundle folder written by `postdiff export`")
+    gen.add_argument("--prompt", required=True, help="text prompt")
+    gen.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    gen.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    gen.add_argument("--guidance", type=float, default=7.5,
+                     help="classifier-free guidance scale; <= 1 turns guidance off (default: 7.5)")
+    gen.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp-2m", "euler"],
+                     help="sampler (default: ddim)")
+    gen.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                     help="ONNX Runtime execution provider (default: cpu)")
+    gen.add_argument("--latents", metavar="NPY", help="initial latents (1, C, h, w) float32 instead of seeded noise")
+    gen.add_argument("--save-latents", metavar="NPY", help="also save the final latents")
+    gen.add_argument("--out", required=True, help="PNG file to write")
+    gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    gen.add_argument("--quiet", action="store_true", help="no progress bar")
+    gen.set_defaults(handler=_cmd_generate)
+
+    demo = sub.add_parser("demo", help=_cmd_demo.__doc__, description=_cmd_demo.__doc__)
+    demo.add_argument("--model", default="random:tiny-sd", help="model to demo (default: random:tiny-sd)")
+    demo.add_argument("--samples", type=int, default=4, help="images per scheduler (default: 4)")
+    demo.add_argument("--out", default="postdiff-demo", help="output folder (default: postdiff-demo/)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `postdiff` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except PostdiffError as exc:
+        print(f"postdiff {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"postdiff {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

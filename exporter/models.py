@@ -1,0 +1,196 @@
+"""Model sources: a local diffusers folder, or a built-in spec that needs no download.
+
+``load_model`` returns the torch modules the exporter traces. Nothing here touches the network:
+folders load with ``local_files_only=True`` and the built-in specs are created from seeded random
+weights with tokenizers built locally.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from postdiff.runtime.errors import ModelSourceError
+
+SD_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+
+# The scheduler configuration Stable Diffusion 1.x ships with (PNDM, "leading" spacing).
+SD1_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+@dataclass
+class LoadedModel:
+    """The torch parts of a Stable-Diffusion-style pipeline, in eval mode, fp32."""
+
+    source: str
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler_config: dict[str, Any]
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along one side."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Latent sides must be multiples of this: 2 ** (number of UNet downsamplers)."""
+        return 2 ** sum(1 for block in self.unet.down_blocks if block.downsamplers)
+
+    @property
+    def default_resolution(self) -> tuple[int, int]:
+        """The image size the UNet was configured for, (height, width) in pixels."""
+        side = self.unet.config.sample_size * self.vae_scale_factor
+        return side, side
+
+
+BUILTIN_SPECS = ("random:tiny-sd", "random:sd15")
+
+
+def load_model(source: str) -> LoadedModel:
+    """Load ``source``: a built-in spec name or a local diffusers folder.
+
+    Raises:
+        ModelSourceError: unknown spec, or a folder that is not a readable SD 1.x/2.x pipeline.
+    """
+    if source == "random:tiny-sd":
+        return _random_tiny_sd()
+    if source == "random:sd15":
+        return _random_sd15()
+    if source.startswith("random:"):
+        raise ModelSourceError(f"unknown built-in model '{source}'; expected one of {list(BUILTIN_SPECS)} or a folder")
+    return _load_folder(Path(source))
+
+
+def _load_folder(folder: Path) -> LoadedModel:
+    if not folder.is_dir():
+        raise ModelSourceError(
+            f"model folder {folder} does not exist; pass a local diffusers folder "
+            f"(with {', '.join(SD_SUBFOLDERS)}) or one of {list(BUILTIN_SPECS)}"
+        )
+    missing = [name for name in SD_SUBFOLDERS if not (folder / name).is_dir()]
+    if missing:
+        raise ModelSourceError(
+            f"{folder} is not a Stable Diffusion 1.x/2.x diffusers folder: missing {missing}; "
+            f"it needs the subfolders {list(SD_SUBFOLDERS)}"
+        )
+    part = "scheduler"
+    try:
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        part = "tokenizer"
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+        part = "text_encoder"
+        text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True)
+        part = "unet"
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+        part = "vae"
+        vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True)
+    except Exception as exc:  # diffusers/transformers raise many unrelated types
+        raise ModelSourceError(
+            f"{folder / part} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            "check that the folder is a complete diffusers export"
+        ) from None
+    return _finish(str(folder), tokenizer, text_encoder, unet, vae, scheduler_config)
+
+
+def _finish(source: str, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
+            vae: AutoencoderKL, scheduler_config: dict[str, Any]) -> LoadedModel:
+    for module in (text_encoder, unet, vae):
+        module.float().eval().requires_grad_(False)
+    return LoadedModel(source, tokenizer, text_encoder, unet, vae, dict(scheduler_config))
+
+
+def build_byte_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP BPE tokenizer built locally: the 512 byte-level symbols, a few merges, BOS/EOS.
+
+    Real checkpoints bring their own tokenizer; the built-in random models only need ids that are
+    deterministic and inside the text encoder's vocabulary.
+    """
+    symbols = _byte_symbols()
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for symbol in symbols:
+            vocab[symbol + suffix] = len(vocab)
+    merges = [("t", "h"), ("th", "e</w>"), ("i", "n"), ("a", "n"), ("e", "r"), ("o", "n")]
+    for left, right in merges:
+        vocab.setdefault(left + right, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2/CLIP's reversible byte -> printable character table (256 symbols)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    codes = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def _text_encoder(tokenizer: CLIPTokenizer, **config: Any) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_position_embeddings=77, **config,
+    ))
+
+
+def _random_tiny_sd() -> LoadedModel:
+    """A few-hundred-kB SD-shaped pipeline: exports in seconds, for tests."""
+    torch.manual_seed(0)
+    tokenizer = build_byte_tokenizer()
+    text_encoder = _text_encoder(tokenizer, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
+                                 num_attention_heads=4, num_hidden_layers=2)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=8, sample_size=32,
+    )
+    return _finish("random:tiny-sd", tokenizer, text_encoder, unet, vae, SD1_SCHEDULER_CONFIG)
+
+
+def _random_sd15() -> LoadedModel:
+    """The Stable Diffusion 1.5 architecture (860 M-parameter UNet) with seeded random weights."""
+    torch.manual_seed(0)
+    tokenizer = build_byte_tokenizer()
+    text_encoder = _text_encoder(tokenizer, vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                 num_attention_heads=12, num_hidden_layers=12, hidden_act="quick_gelu",
+                                 projection_dim=768)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+    )
+    return _finish("random:sd15", tokenizer, text_encoder, unet, vae, SD1_SCHEDULER_CONFIG)

@@ -1,0 +1,129 @@
+"""Strict JSON <-> frozen-dataclass conversion and deterministic, atomic JSON writing.
+
+Every configuration file postdiff reads (manifest, schedules, device profiles) goes through
+:func:`from_dict`, which rejects unknown and missing keys so that a typo fails loudly instead of
+being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+from postdiff.runtime.errors import InputError, PostdiffError
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], data: Any, where: str, error: type[PostdiffError] = InputError) -> T:
+    """Build dataclass ``cls`` from a JSON object, recursively and strictly.
+
+    Args:
+        cls: a (frozen) dataclass type; fields may be dataclasses, ``tuple[X, ...]``,
+            ``dict[str, X]``, ``X | None`` or plain JSON scalars.
+        data: the parsed JSON value.
+        where: a human-readable location used in error messages (e.g. ``"manifest.json"``).
+        error: the exception class to raise.
+
+    Raises:
+        error: on a missing or unknown key or a value of the wrong type.
+    """
+    return _convert(cls, data, where, error)
+
+
+def _convert(tp: Any, value: Any, where: str, error: type[PostdiffError]) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise error(f"{where}: expected an object, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp) if f.init}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise error(
+                f"{where}: unknown key(s) {unknown}; expected only {sorted(fields)}. "
+                "Remove them or check their spelling."
+            )
+        kwargs = {}
+        for name, field in fields.items():
+            if name in value:
+                kwargs[name] = _convert(hints[name], value[name], f"{where}.{name}", error)
+            elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise error(f"{where}: missing required key '{name}'")
+        return tp(**kwargs)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        last: PostdiffError | None = None
+        for arg in non_none:
+            try:
+                return _convert(arg, value, where, error)
+            except PostdiffError as exc:  # try the next alternative
+                last = exc
+        raise last if last else error(f"{where}: unexpected value {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise error(f"{where}: expected a list, got {type(value).__name__}")
+        item_type = typing.get_args(tp)[0]
+        return tuple(_convert(item_type, v, f"{where}[{i}]", error) for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise error(f"{where}: expected an object, got {type(value).__name__}")
+        value_type = typing.get_args(tp)[1]
+        return {k: _convert(value_type, v, f"{where}.{k}", error) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise error(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """Inverse of :func:`from_dict`: dataclasses to plain JSON values (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def dumps(data: Any) -> str:
+    """Deterministic JSON text: sorted keys, two-space indent, trailing newline."""
+    return json.dumps(to_dict(data), indent=2, sort_keys=True) + "\n"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as deterministic JSON to ``path`` via a temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(dumps(data))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path, error: type[PostdiffError] = InputError) -> Any:
+    """Parse a JSON file, turning I/O and syntax problems into ``error`` with the path named."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot be read ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None

@@ -1,0 +1,174 @@
+"""The bundle manifest: the one contract between the exporter and the runtime.
+
+A bundle is a folder holding ``manifest.json``, the ONNX graphs, one external weights file shared by
+the UNet graphs, and the tokenizer. The runtime learns every file name, tensor name, shape and dtype
+from here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from postdiff.runtime.errors import BundleError
+from postdiff.runtime.jsonio import dumps, from_dict, read_json
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: its name, static shape and numpy dtype name."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Parity:
+    """How closely a graph reproduced its torch module at export (seeded random inputs)."""
+
+    max_abs_diff: float
+    reference_max_abs: float
+    tolerance: float
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph of the bundle."""
+
+    file: str
+    sha256: str
+    role: str  # text_encoder | unet | vae_decoder
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str  # fp32 | fp16
+    parity: Parity
+    external_data: tuple[str, ...] = ()  # weight files the graph references, relative to the bundle
+
+    def input(self, name: str) -> TensorSpec:
+        """The input called ``name``; BundleError if the graph has none."""
+        for spec in self.inputs:
+            if spec.name == name:
+                return spec
+        raise BundleError(
+            f"graph {self.file} has no input '{name}' (inputs: {[s.name for s in self.inputs]}); "
+            "the bundle was written by an incompatible exporter: re-export it"
+        )
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    """A tokenizers-library JSON file plus the padding rule the text encoder was trained with."""
+
+    file: str
+    sha256: str
+    max_length: int
+    pad_id: int
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What model the bundle was made from and the geometry the runtime needs."""
+
+    source: str
+    latent_channels: int
+    vae_scale_factor: int
+    downsample_factor: int  # latent H and W must be multiples of this
+    height: int  # image pixels
+    width: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``manifest.json``."""
+
+    format_version: int
+    producer: dict[str, str]
+    model: ModelInfo
+    graphs: dict[str, GraphSpec]
+    tokenizer: TokenizerSpec
+    scheduler: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)  # other files (weights) -> sha256
+
+    def graph(self, name: str) -> GraphSpec:
+        """The graph called ``name``; BundleError naming the available graphs otherwise."""
+        if name not in self.graphs:
+            raise BundleError(
+                f"the bundle has no graph '{name}' (it has {sorted(self.graphs)}); "
+                "re-export the model with the options that produce it"
+            )
+        return self.graphs[name]
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(8 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dump_manifest(manifest: Manifest) -> str:
+    """The deterministic text of ``manifest.json`` (sorted keys, trailing newline)."""
+    return dumps(manifest)
+
+
+def load_manifest(bundle: Path, verify: bool = True) -> Manifest:
+    """Read and check a bundle's manifest.
+
+    Args:
+        bundle: the bundle folder.
+        verify: also check that every file exists and matches its recorded sha256.
+
+    Raises:
+        BundleError: missing folder or manifest, unknown format version, malformed manifest,
+            missing file or sha256 mismatch.
+    """
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise BundleError(f"bundle folder {bundle} does not exist; create one with `postdiff export`")
+    path = bundle / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleError(
+            f"{bundle} has no {MANIFEST_NAME}: it is not a postdiff bundle, or its export did not "
+            "finish; re-export it with `postdiff export`"
+        )
+    data = read_json(path, BundleError)
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: format_version {version!r} is not supported (this postdiff reads version "
+            f"{FORMAT_VERSION}); re-export the bundle with this postdiff or upgrade postdiff"
+        )
+    manifest = from_dict(Manifest, data, str(path), BundleError)
+    if verify:
+        verify_files(bundle, manifest)
+    return manifest
+
+
+def bundle_files(manifest: Manifest) -> dict[str, str]:
+    """Every file the manifest names, mapped to its expected sha256."""
+    files = {spec.file: spec.sha256 for spec in manifest.graphs.values()}
+    files[manifest.tokenizer.file] = manifest.tokenizer.sha256
+    files.update(manifest.files)
+    return files
+
+
+def verify_files(bundle: Path, manifest: Manifest) -> None:
+    """Check that each file named by the manifest exists and has the recorded sha256."""
+    for name, expected in sorted(bundle_files(manifest).items()):
+        path = Path(bundle) / name
+        if not path.is_file():
+            raise BundleError(f"{path} is missing from the bundle; re-export the bundle")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(
+                f"{path} is corrupted: sha256 {actual[:12]}… but the manifest records "
+                f"{expected[:12]}…; re-export the bundle or restore the file"
+            )

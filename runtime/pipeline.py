@@ -1,0 +1,142 @@
+"""Text-to-image generation from a bundle, torch-free: tokenize, encode, denoise, decode.
+
+The loop mirrors diffusers' ``StableDiffusionPipeline`` step for step (same guidance formula, same
+order of scheduler calls), so that with the same initial latents the results agree to float
+rounding. Shapes and dtypes come from the manifest; roles and tensor names from ``names``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from postdiff.runtime.errors import InputError
+from postdiff.runtime.image import to_uint8
+from postdiff.runtime.manifest import Manifest, load_manifest
+from postdiff.runtime.names import (CONTEXT, HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, NOISE_PRED, SAMPLE,
+                                    TEXT_ENCODER, TIMESTEP, UNET, VAE_DECODER)
+from postdiff.runtime.runners.base import Runner
+from postdiff.runtime.runners.ort import OrtRunner
+from postdiff.runtime.schedulers import make_scheduler
+from postdiff.runtime.tokenizer import PromptTokenizer
+
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """What to generate and how."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 7.5
+    scheduler: str = "ddim"
+
+    def validate(self) -> None:
+        """Raise InputError for values no schedule can run."""
+        if self.steps <= 0:
+            raise InputError(f"--steps {self.steps} is not positive; use a step count of at least 1")
+        if not np.isfinite(self.guidance):
+            raise InputError(f"--guidance {self.guidance} is not a finite number")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The result of one generation: final latents (1, C, h, w) and the image (H, W, C) uint8."""
+
+    latents: np.ndarray
+    image: np.ndarray
+
+
+class Pipeline:
+    """Loads a bundle's graphs once and generates images from prompts."""
+
+    def __init__(self, bundle: Path, provider: str = "cpu", verify: bool = True) -> None:
+        self.bundle = Path(bundle)
+        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
+        self.provider = provider
+        self.tokenizer = PromptTokenizer(self.manifest.tokenizer, self.bundle)
+        self._runners: dict[str, Runner] = {}
+
+    def runner(self, name: str) -> Runner:
+        """The runner of graph ``name``, created on first use."""
+        if name not in self._runners:
+            self._runners[name] = OrtRunner(self.manifest.graph(name), self.bundle, self.provider)
+        return self._runners[name]
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one latent, (1, C, h, w), read from the UNet's sample input."""
+        batch_shape = self.manifest.graph(UNET).input(SAMPLE).shape
+        return (1, *batch_shape[1:])
+
+    def encode_prompt(self, text: str) -> np.ndarray:
+        """Text-encoder hidden states of ``text``: (1, L, D)."""
+        spec = self.manifest.graph(TEXT_ENCODER).input(INPUT_IDS)
+        ids = self.tokenizer.encode(text, dtype=spec.dtype)
+        return self.runner(TEXT_ENCODER).infer({INPUT_IDS: ids})[HIDDEN_STATES]
+
+    def initial_latents(self, seed: int) -> np.ndarray:
+        """Seeded standard-normal latents, reproducible across machines (numpy PCG64)."""
+        rng = np.random.default_rng(seed)
+        return rng.standard_normal(self.latent_shape, dtype=np.float32)
+
+    def check_latents(self, latents: np.ndarray) -> np.ndarray:
+        """Validate user-supplied initial latents against the bundle's latent shape."""
+        if latents.shape != self.latent_shape:
+            raise InputError(
+                f"initial latents have shape {list(latents.shape)}, but this bundle expects "
+                f"{list(self.latent_shape)}; generate them for this bundle's resolution"
+            )
+        return latents.astype(np.float32, copy=False)
+
+    def denoise(self, latents: np.ndarray, context: np.ndarray, options: GenerateOptions,
+                progress: bool = False) -> np.ndarray:
+        """Run the denoising loop with classifier-free guidance.
+
+        Args:
+            latents: initial noise (1, C, h, w), before scaling by the scheduler's init sigma.
+            context: [negative; positive] encoder states, (2, L, D).
+            options: steps, guidance and scheduler.
+        """
+        scheduler = make_scheduler(options.scheduler, self.manifest.scheduler)
+        scheduler.set_timesteps(options.steps)
+        unet = self.runner(UNET)
+        sample_dtype, timestep_dtype = unet.spec.input(SAMPLE).dtype, unet.spec.input(TIMESTEP).dtype
+        context = context.astype(unet.spec.input(CONTEXT).dtype, copy=False)
+        latents = latents * np.float32(scheduler.init_noise_sigma)
+        use_cfg = options.guidance > 1.0
+        for t in tqdm(scheduler.timesteps, desc="denoise", disable=not progress, leave=False):
+            batch = np.concatenate([latents, latents])
+            batch = scheduler.scale_model_input(batch, t)
+            feed = {SAMPLE: batch.astype(sample_dtype, copy=False),
+                    TIMESTEP: np.full((2,), t, dtype=timestep_dtype), CONTEXT: context}
+            uncond, cond = unet.infer(feed)[NOISE_PRED].astype(np.float32, copy=False)
+            # Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w (eps_c - eps_u).
+            noise = uncond + np.float32(options.guidance) * (cond - uncond) if use_cfg else cond
+            latents = scheduler.step(noise[None], t, latents)
+        return latents
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """VAE-decode latents (1, C, h, w) to uint8 images (1, H, W, 3)."""
+        decoder = self.runner(VAE_DECODER)
+        latents = latents.astype(decoder.spec.input(LATENTS).dtype, copy=False)
+        return to_uint8(decoder.infer({LATENTS: latents})[IMAGE].astype(np.float32, copy=False))
+
+    def generate(self, options: GenerateOptions, latents: np.ndarray | None = None,
+                 progress: bool = False) -> Generation:
+        """Generate one image; ``latents`` overrides the seeded initial noise."""
+        options.validate()
+        latents = self.initial_latents(options.seed) if latents is None else self.check_latents(latents)
+        if options.guidance > 1.0:
+            context = np.concatenate([self.encode_prompt(options.negative_prompt),
+                                      self.encode_prompt(options.prompt)])
+        else:  # guidance off: both batch rows carry the prompt, only the conditional half is used
+            positive = self.encode_prompt(options.prompt)
+            context = np.concatenate([positive, positive])
+        final = self.denoise(latents, context, options, progress)
+        return Generation(latents=final, image=self.decode(final)[0])

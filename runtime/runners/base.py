@@ -1,0 +1,61 @@
+"""The Runner interface: run one graph, arrays in and out by tensor name.
+
+Backends (ONNX Runtime, TensorRT) implement ``_infer``; the shared ``infer`` checks every feed
+against the graph's manifest entry first, so a wrong tensor is reported by name, with what
+arrived and what was expected, before any backend sees it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+
+import numpy as np
+
+from postdiff.runtime.errors import InputError
+from postdiff.runtime.manifest import GraphSpec
+
+
+class Runner(ABC):
+    """Runs one graph of a bundle."""
+
+    def __init__(self, spec: GraphSpec) -> None:
+        self.spec = spec
+
+    def infer(self, feed: Mapping[str, np.ndarray], check: bool = True) -> dict[str, np.ndarray]:
+        """Run the graph.
+
+        Args:
+            feed: one array per graph input, keyed by input name.
+            check: validate names, shapes and dtypes against the manifest first.
+
+        Returns:
+            One array per graph output, keyed by output name. Runners may reuse output buffers
+            between calls: copy a result you keep across calls.
+        """
+        if check:
+            check_feed(self.spec, feed)
+        return self._infer(feed)
+
+    @abstractmethod
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError("Runner is an abstract class")
+
+
+def check_feed(spec: GraphSpec, feed: Mapping[str, np.ndarray]) -> None:
+    """Raise InputError if ``feed`` does not match the graph's inputs exactly."""
+    expected = {t.name: t for t in spec.inputs}
+    missing = sorted(set(expected) - set(feed))
+    extra = sorted(set(feed) - set(expected))
+    if missing or extra:
+        raise InputError(
+            f"graph {spec.file}: inputs missing {missing}, unexpected {extra}; "
+            f"it takes {sorted(expected)}"
+        )
+    for name, tensor in expected.items():
+        array = feed[name]
+        if tuple(array.shape) != tuple(tensor.shape) or array.dtype != np.dtype(tensor.dtype):
+            raise InputError(
+                f"graph {spec.file}: input '{name}' got {array.dtype}{list(array.shape)}, "
+                f"expected {tensor.dtype}{list(tensor.shape)}"
+            )

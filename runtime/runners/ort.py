@@ -1,0 +1,62 @@
+"""ONNX Runtime implementation of :class:`Runner`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from postdiff.runtime.errors import BundleError, InputError
+from postdiff.runtime.manifest import GraphSpec
+from postdiff.runtime.runners.base import Runner
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def execution_providers(provider: str) -> list[str]:
+    """ONNX Runtime provider list for a postdiff provider name, with CPU as the fallback.
+
+    Raises:
+        InputError: unknown name, or a provider this onnxruntime build lacks.
+    """
+    if provider not in PROVIDERS:
+        raise InputError(f"unknown provider '{provider}'; expected one of {sorted(PROVIDERS)}")
+    wanted = PROVIDERS[provider]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise InputError(
+            f"provider '{provider}' needs {wanted}, which this onnxruntime build lacks "
+            f"(it has {available}); install onnxruntime-gpu for cuda/tensorrt, or use --provider cpu"
+        )
+    return [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
+
+
+class OrtRunner(Runner):
+    """Runs one bundle graph in an ONNX Runtime session."""
+
+    def __init__(self, spec: GraphSpec, bundle: Path, provider: str = "cpu",
+                 options: ort.SessionOptions | None = None) -> None:
+        super().__init__(spec)
+        path = Path(bundle) / spec.file
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=options, providers=execution_providers(provider)
+            )
+        except InputError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BundleError(
+                f"{path} could not be loaded by onnxruntime ({str(exc).splitlines()[0]}); "
+                "the file is damaged or from an incompatible exporter: re-export the bundle"
+            ) from None
+        self._output_names = [t.name for t in spec.outputs]
+
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = self.session.run(self._output_names, dict(feed))
+        return dict(zip(self._output_names, values))

@@ -1,0 +1,29 @@
+"""Shared fixtures: one tiny bundle per test session, built from `random:tiny-sd`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fp32 bundle of the tiny random SD model at its default 32x32 resolution (read-only: copy
+    it before changing anything)."""
+    from postdiff.exporter.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    export_bundle(ExportOptions(source="random:tiny-sd", out=out), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The torch modules behind `tiny_bundle` (same seeded weights)."""
+    from postdiff.exporter.models import load_model
+
+    return load_model("random:tiny-sd")

@@ -1,0 +1,43 @@
+"""The device side never imports torch or diffusers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+FORBIDDEN = ("torch", "diffusers", "transformers", "onnx_graphsurgeon")
+
+CHECK = """
+import sys
+from postdiff.cli import main
+code = main(sys.argv[1:])
+leaked = sorted(m for m in {forbidden!r} if m in sys.modules)
+print("LEAKED", leaked)
+sys.exit(code)
+"""
+
+
+def test_generate_runs_without_importing_torch(tiny_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "img.png"
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK.format(forbidden=FORBIDDEN), "generate", str(tiny_bundle), "--prompt", "a cat",
+         "--steps", "2", "--out", str(out), "--quiet"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "LEAKED []" in result.stdout
+    assert out.is_file()
+
+
+def test_every_runtime_module_imports_without_torch() -> None:
+    runtime = Path(__file__).resolve().parents[1] / "runtime"
+    modules = sorted(
+        "postdiff.runtime." + ".".join(p.relative_to(runtime).with_suffix("").parts)
+        for p in runtime.rglob("*.py") if p.name != "__init__.py"
+    )
+    code = f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n" \
+           f"print(sorted(m for m in {FORBIDDEN!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
