@@ -1,8 +1,10 @@
 """`postdiff export`: a model in, a bundle out.
 
-Stages: load the model, trace each graph to ONNX, gather the UNet weights into one shared file,
-measure each graph's parity against torch, write the tokenizer, then the manifest, and move the
-finished folder into place. A failure at any stage leaves nothing at the destination.
+Stages: load the model; trace the text encoder, the VAE decoder and every UNet variant the
+requested schedules need (the plain full-resolution CFG graph when no schedule is given); gather the
+UNet weights into one shared file, each distinct payload once; count each graph's MACs and measure
+its parity against torch; write the tokenizer, then the manifest, and move the finished folder into
+place. A failure at any stage leaves nothing at the destination.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from tqdm.auto import tqdm
 
 import postdiff
 from postdiff.exporter.bundle import check_destination, publish, staging_folder
+from postdiff.exporter.macs import count_macs
 from postdiff.exporter.models import LoadedModel, load_model
-from postdiff.exporter.trace import OPSET, GraphPlan, export_onnx, graph_plans, move_weights_to_file
+from postdiff.exporter.trace import (OPSET, GraphPlan, export_onnx, half_precision, text_and_decoder_plans,
+                                     unet_plan)
 from postdiff.exporter.verify import FP16_TOLERANCE, FP32_TOLERANCE, measure_parity
+from postdiff.exporter.weights import WeightStore
 from postdiff.runtime import names
 from postdiff.runtime.errors import InputError
-from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, ModelInfo, TensorSpec, TokenizerSpec,
-                                       sha256_file)
+from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, ModelInfo, SharedWeights, TensorSpec,
+                                       TokenizerSpec, UNetVariant, sha256_file)
+from postdiff.runtime.schedule import Schedule, graph_variants, latent_size, resolve_schedule
 from postdiff.runtime.schedulers import normalize_config
 
 PRECISIONS = ("fp32", "fp16")
@@ -41,6 +47,7 @@ class ExportOptions:
     out: Path
     resolution: tuple[int, int] | None = None  # (height, width) in pixels; None: the model's default
     precision: str = "fp32"
+    schedules: tuple[str, ...] = ()  # schedule files or preset names; () = plain generation only
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -64,36 +71,44 @@ def check_resolution(model: LoadedModel, height: int, width: int) -> None:
         )
 
 
+def unet_variants(schedules: list[Schedule], latent: tuple[int, int], multiple: int) -> list[UNetVariant]:
+    """Every UNet variant the schedules evaluate, made concrete at this bundle's latent size."""
+    if not schedules:
+        return [UNetVariant(latent=latent, batch=2, deep="none", branch=0, xattn="none")]
+    variants: dict[UNetVariant, None] = {}
+    for schedule in schedules:
+        for v in graph_variants(schedule):
+            concrete = UNetVariant(latent=latent_size(latent, v.scale, multiple), batch=v.batch, deep=v.deep,
+                                   branch=v.branch, xattn=v.xattn)
+            variants.setdefault(concrete)
+    return list(variants)
+
+
 def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
     """Export ``options.source`` to a new bundle at ``options.out`` and return its manifest."""
     if options.precision not in PRECISIONS:
         raise InputError(f"--precision '{options.precision}' is not supported; expected one of {list(PRECISIONS)}")
     check_destination(options.out)
-    bar = tqdm(total=5, desc="export", unit="stage", disable=not progress)
-    bar.set_postfix_str("loading model")
+    schedules = [resolve_schedule(spec) for spec in options.schedules]
     model = load_model(options.source)
     height, width = options.resolution or model.default_resolution
     check_resolution(model, height, width)
+    latent = (height // model.vae_scale_factor, width // model.vae_scale_factor)
+    variants = unet_variants(schedules, latent, model.downsample_factor)
+    plans = text_and_decoder_plans(model, height, width) + [unet_plan(model, v) for v in variants]
     if options.precision == "fp16":
         # The text encoder stays fp32: it runs once per prompt, and CLIP's traced LayerNorm does not
         # type-check in half precision.
-        for module in (model.unet, model.vae):
-            module.half()
-    bar.update()
-    plans = graph_plans(model, height, width)
-    if options.precision == "fp16":
-        for plan in plans:
-            if plan.name != names.TEXT_ENCODER:
-                plan.inputs.update({k: v.half() for k, v in plan.inputs.items() if v.is_floating_point()})
+        plans = [p if p.role == names.TEXT_ENCODER else half_precision(p) for p in plans]
     with staging_folder(options.out) as stage:
+        store = WeightStore(stage / UNET_WEIGHTS)
         graphs = {}
+        bar = tqdm(plans, desc="export", unit="graph", disable=not progress)
         with tempfile.TemporaryDirectory(dir=stage.parent, prefix=f".{options.out.name}.scratch-") as scratch:
-            for plan in plans:
-                bar.set_postfix_str(f"{plan.name}: trace, check parity")
-                precision = "fp32" if plan.name == names.TEXT_ENCODER else options.precision
-                graphs[plan.name] = _export_graph(plan, stage, Path(scratch), precision)
-                bar.update()
-        bar.set_postfix_str("tokenizer, manifest")
+            for plan in bar:
+                bar.set_postfix_str(plan.name)
+                precision = "fp32" if plan.role == names.TEXT_ENCODER else options.precision
+                graphs[plan.name] = _export_graph(plan, stage, Path(scratch), precision, store)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             producer={"postdiff": postdiff.__version__, "torch": torch.__version__.split("+")[0],
@@ -104,32 +119,35 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
             graphs=graphs,
             tokenizer=_write_tokenizer(model, stage),
             scheduler=normalize_config(model.scheduler_config),
-            files={UNET_WEIGHTS: sha256_file(stage / UNET_WEIGHTS)},
+            weights=SharedWeights(file=UNET_WEIGHTS, sha256=sha256_file(stage / UNET_WEIGHTS),
+                                  tensors=dict(store.entries)),
+            schedules=tuple(s.name for s in schedules),
         )
         publish(stage, options.out, manifest)
-    bar.set_postfix_str("done")
-    bar.close()
     return manifest
 
 
-def _export_graph(plan: GraphPlan, stage: Path, scratch: Path, precision: str) -> GraphSpec:
+def _export_graph(plan: GraphPlan, stage: Path, scratch: Path, precision: str, store: WeightStore) -> GraphSpec:
     file = f"{plan.name}.onnx"
-    if plan.name == names.UNET:  # weights in the shared file the UNet variants reference
-        traced = scratch / file
-        export_onnx(plan, traced)
-        move_weights_to_file(traced, stage / file, UNET_WEIGHTS)
-        external = (UNET_WEIGHTS,)
+    initializers: dict[str, str] = {}
+    if plan.role == names.UNET:  # weights go to the file all UNet variants share
+        export_onnx(plan, scratch / file)
+        graph = onnx.load(str(scratch / file), load_external_data=True)
+        initializers = store.externalize(graph)
+        onnx.save_model(graph, str(stage / file))
+        for leftover in scratch.iterdir():  # the tracer's own side files for > 2 GB models
+            leftover.unlink()
     else:
         export_onnx(plan, stage / file)
-        external = ()
+        graph = onnx.load(str(stage / file))
+    macs = count_macs(graph)
     tolerance = FP16_TOLERANCE if precision == "fp16" else FP32_TOLERANCE
     parity = measure_parity(plan, stage / file, tolerance)
-    graph = onnx.load(str(stage / file), load_external_data=False)
     return GraphSpec(
-        file=file, sha256=sha256_file(stage / file), role=plan.name,
+        file=file, sha256=sha256_file(stage / file), role=plan.role,
         inputs=tuple(_tensor_spec(v) for v in graph.graph.input),
         outputs=tuple(_tensor_spec(v) for v in graph.graph.output),
-        precision=precision, parity=parity, external_data=external,
+        precision=precision, parity=parity, macs=macs, variant=plan.variant, initializers=initializers,
     )
 
 

@@ -1,9 +1,9 @@
 """Torch modules -> ONNX graphs at static shapes.
 
-Each graph role has a small wrapper module whose ``forward`` takes and returns exactly the tensors
-the runtime exchanges, under the names in ``postdiff.runtime.names``. Export uses the
-TorchScript-based exporter (``dynamo=False``): it is fast on big UNets and keeps parameter names as
-initializer names, which lets graph variants share one weights file.
+Each graph has a small wrapper module whose ``forward`` takes and returns exactly the tensors the
+runtime exchanges, under the names in ``postdiff.runtime.names``. UNet graphs, plain or cache
+variants, all come from :class:`~postdiff.exporter.layered_unet.LayeredUNet`. Export uses the
+TorchScript-based exporter (``dynamo=False``): it is fast on big UNets.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
 import torch
-from onnx.external_data_helper import convert_model_to_external_data
 
+from postdiff.exporter.layered_unet import LayeredUNet, LayerPlan
 from postdiff.exporter.models import LoadedModel
 from postdiff.runtime import names
+from postdiff.runtime.manifest import UNetVariant
 
 OPSET = 17
 
@@ -31,17 +31,6 @@ class TextEncoderGraph(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids, return_dict=False)[0]
-
-
-class UNetGraph(torch.nn.Module):
-    """sample (B, C, h, w), timestep (B,) float32, encoder_hidden_states (B, L, D) -> noise_pred."""
-
-    def __init__(self, model: LoadedModel) -> None:
-        super().__init__()
-        self.unet = model.unet
-
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self.unet(sample, timestep, encoder_hidden_states=context, return_dict=False)[0]
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -60,32 +49,45 @@ class GraphPlan:
     """What to export for one graph: the module, example inputs and tensor names."""
 
     name: str
+    role: str
     module: torch.nn.Module
     inputs: dict[str, torch.Tensor]
     outputs: tuple[str, ...]
+    variant: UNetVariant | None = None
 
 
-def graph_plans(model: LoadedModel, height: int, width: int) -> list[GraphPlan]:
-    """The three graphs of a plain bundle at one image size (CFG batch 2 for the UNet).
-
-    Example inputs are seeded so that the parity check at export is reproducible.
-    """
+def text_and_decoder_plans(model: LoadedModel, height: int, width: int) -> list[GraphPlan]:
+    """The text encoder and VAE decoder graphs at one image size, with seeded example inputs."""
     generator = torch.Generator().manual_seed(0)
     max_length = model.tokenizer.model_max_length
-    hidden = model.text_encoder.config.hidden_size
-    channels = model.unet.config.in_channels
     latent_h, latent_w = height // model.vae_scale_factor, width // model.vae_scale_factor
     ids = torch.randint(0, model.text_encoder.config.vocab_size, (1, max_length), generator=generator)
-    sample = torch.randn(2, channels, latent_h, latent_w, generator=generator)
-    context = torch.randn(2, max_length, hidden, generator=generator)
     latents = torch.randn(1, model.vae.config.latent_channels, latent_h, latent_w, generator=generator)
     return [
-        GraphPlan(names.TEXT_ENCODER, TextEncoderGraph(model), {names.INPUT_IDS: ids}, (names.HIDDEN_STATES,)),
-        GraphPlan(names.UNET, UNetGraph(model),
-                  {names.SAMPLE: sample, names.TIMESTEP: torch.full((2,), 500.0), names.CONTEXT: context},
-                  (names.NOISE_PRED,)),
-        GraphPlan(names.VAE_DECODER, VaeDecoderGraph(model), {names.LATENTS: latents}, (names.IMAGE,)),
+        GraphPlan(names.TEXT_ENCODER, names.TEXT_ENCODER, TextEncoderGraph(model), {names.INPUT_IDS: ids},
+                  (names.HIDDEN_STATES,)),
+        GraphPlan(names.VAE_DECODER, names.VAE_DECODER, VaeDecoderGraph(model), {names.LATENTS: latents},
+                  (names.IMAGE,)),
     ]
+
+
+def unet_plan(model: LoadedModel, variant: UNetVariant) -> GraphPlan:
+    """The UNet graph computing ``variant``, with seeded example inputs (timestep 500)."""
+    module = LayeredUNet(model.unet, LayerPlan(deep=variant.deep, branch=variant.branch, xattn=variant.xattn))
+    generator = torch.Generator().manual_seed(0)
+    example = module.example_inputs(variant.batch, variant.latent[0], variant.latent[1],
+                                    model.tokenizer.model_max_length, generator)
+    inputs = dict(zip(module.input_names, example))
+    inputs[names.TIMESTEP] = torch.full((variant.batch,), 500.0, dtype=inputs[names.TIMESTEP].dtype)
+    name = names.unet_graph_name(variant.latent, variant.batch, variant.deep, variant.branch, variant.xattn)
+    return GraphPlan(name, names.UNET, module, inputs, tuple(module.output_names), variant)
+
+
+def half_precision(plan: GraphPlan) -> GraphPlan:
+    """``plan`` with its module and floating-point example inputs in fp16."""
+    plan.module.half()
+    inputs = {k: v.half() if v.is_floating_point() else v for k, v in plan.inputs.items()}
+    return GraphPlan(plan.name, plan.role, plan.module, inputs, plan.outputs, plan.variant)
 
 
 def export_onnx(plan: GraphPlan, path: Path) -> None:
@@ -96,15 +98,3 @@ def export_onnx(plan: GraphPlan, path: Path) -> None:
             plan.module, tuple(plan.inputs.values()), str(path), input_names=list(plan.inputs),
             output_names=list(plan.outputs), opset_version=OPSET, dynamo=False, do_constant_folding=True,
         )
-
-
-def move_weights_to_file(src: Path, dst: Path, weights_name: str) -> None:
-    """Re-save graph ``src`` as ``dst`` with all large initializers in one file ``weights_name``.
-
-    The TorchScript exporter scatters >2 GB models over hundreds of side files; this gathers them
-    into one file beside ``dst``, written in initializer order (deterministic).
-    """
-    model = onnx.load(str(src), load_external_data=True)
-    convert_model_to_external_data(model, all_tensors_to_one_file=True, location=weights_name, size_threshold=1024)
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=weights_name, size_threshold=1024)

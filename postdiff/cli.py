@@ -24,11 +24,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from postdiff.exporter.export import ExportOptions, export_bundle, parse_resolution
 
     resolution = parse_resolution(args.resolution) if args.resolution else None
-    options = ExportOptions(source=args.model, out=Path(args.out), resolution=resolution, precision=args.precision)
+    options = ExportOptions(source=args.model, out=Path(args.out), resolution=resolution, precision=args.precision,
+                            schedules=tuple(args.schedule or ()))
     started = time.perf_counter()
     manifest = export_bundle(options, progress=not args.quiet)
-    graphs = ", ".join(f"{name} (parity {g.parity.max_abs_diff:.1e})" for name, g in sorted(manifest.graphs.items()))
-    print(f"wrote {args.out} in {time.perf_counter() - started:.1f} s: {graphs}")
+    worst = max(g.parity.max_abs_diff for g in manifest.graphs.values())
+    print(f"wrote {args.out} in {time.perf_counter() - started:.1f} s: {len(manifest.graphs)} graphs "
+          f"({', '.join(sorted(manifest.graphs))}); worst parity vs torch {worst:.1e}")
     return EXIT_OK
 
 
@@ -38,19 +40,26 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from postdiff.runtime.image import save_png
     from postdiff.runtime.pipeline import GenerateOptions, Pipeline
+    from postdiff.runtime.schedule import resolve_schedule
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise InputError(f"--out {out} already exists; choose another file or pass --overwrite")
     if not out.parent.is_dir():
         raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    schedule = resolve_schedule(args.schedule) if args.schedule else None
+    if schedule is not None and args.steps is not None and args.steps != len(schedule.steps):
+        raise InputError(f"--steps {args.steps} contradicts schedule '{schedule.name}', which has "
+                         f"{len(schedule.steps)} steps; drop --steps (the schedule fixes them)")
     options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                              steps=args.steps, guidance=args.guidance, scheduler=args.scheduler)
+                              steps=len(schedule.steps) if schedule else (20 if args.steps is None else args.steps),
+                              guidance=args.guidance,
+                              scheduler=args.scheduler)
     options.validate()
     latents = _load_latents(Path(args.latents)) if args.latents else None
     pipeline = Pipeline(Path(args.bundle), provider=args.provider)
     started = time.perf_counter()
-    result = pipeline.generate(options, latents=latents, progress=not args.quiet)
+    result = pipeline.generate(options, latents=latents, progress=not args.quiet, schedule=schedule)
     elapsed = time.perf_counter() - started
     save_png(result.image, out)
     if args.save_latents:
@@ -92,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
     export.add_argument("--resolution", metavar="HxW", help="image size in pixels (default: the model's)")
     export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="graph precision")
+    export.add_argument("--schedule", action="append", metavar="SCHEDULE",
+                        help="schedule file or preset whose graph variants to export (repeatable; default: only "
+                             "the plain full-resolution graph)")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(handler=_cmd_export)
 
@@ -100,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="text prompt")
     gen.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
     gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
-    gen.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
+    gen.add_argument("--steps", type=int, help="denoising steps of plain generation (default: 20)")
+    gen.add_argument("--schedule", metavar="SCHEDULE",
+                     help="schedule file or preset to execute (e.g. postdiff-sd15); the bundle must have been "
+                          "exported with it")
     gen.add_argument("--guidance", type=float, default=7.5,
                      help="classifier-free guidance scale; <= 1 turns guidance off (default: 7.5)")
     gen.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp-2m", "euler"],

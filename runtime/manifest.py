@@ -48,7 +48,9 @@ class GraphSpec:
     outputs: tuple[TensorSpec, ...]
     precision: str  # fp32 | fp16
     parity: Parity
-    external_data: tuple[str, ...] = ()  # weight files the graph references, relative to the bundle
+    macs: int  # multiply-accumulates of one call, counted from the static shapes
+    variant: UNetVariant | None = None  # UNet graphs only
+    initializers: dict[str, str] = field(default_factory=dict)  # initializer name -> key in weights.tensors
 
     def input(self, name: str) -> TensorSpec:
         """The input called ``name``; BundleError if the graph has none."""
@@ -59,6 +61,36 @@ class GraphSpec:
             f"graph {self.file} has no input '{name}' (inputs: {[s.name for s in self.inputs]}); "
             "the bundle was written by an incompatible exporter: re-export it"
         )
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """One tensor payload inside the shared weights file."""
+
+    offset: int
+    length: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SharedWeights:
+    """The external weights file every UNet graph references, and its payload index."""
+
+    file: str
+    sha256: str
+    tensors: dict[str, WeightEntry]
+
+
+@dataclass(frozen=True)
+class UNetVariant:
+    """What a UNet graph computes (see ``postdiff.runtime.schedule.Variant``)."""
+
+    latent: tuple[int, int]  # (h, w)
+    batch: int
+    deep: str  # none | write | read
+    branch: int
+    xattn: str  # none | write | read
 
 
 @dataclass(frozen=True)
@@ -82,6 +114,11 @@ class ModelInfo:
     height: int  # image pixels
     width: int
 
+    @property
+    def latent(self) -> tuple[int, int]:
+        """Full-resolution latent (h, w)."""
+        return self.height // self.vae_scale_factor, self.width // self.vae_scale_factor
+
 
 @dataclass(frozen=True)
 class Manifest:
@@ -93,7 +130,19 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     tokenizer: TokenizerSpec
     scheduler: dict[str, Any]
-    files: dict[str, str] = field(default_factory=dict)  # other files (weights) -> sha256
+    weights: SharedWeights
+    schedules: tuple[str, ...] = ()  # the schedules the bundle was exported for
+
+    def unet_graph(self, variant: UNetVariant) -> str:
+        """Name of the UNet graph computing ``variant``; BundleError naming what exists otherwise."""
+        for name, spec in sorted(self.graphs.items()):
+            if spec.variant == variant:
+                return name
+        have = sorted(n for n, s in self.graphs.items() if s.variant is not None)
+        raise BundleError(
+            f"the bundle has no UNet graph for {variant} (it has {have}); re-export the model with "
+            "`postdiff export ... --schedule` for the schedule you want to run"
+        )
 
     def graph(self, name: str) -> GraphSpec:
         """The graph called ``name``; BundleError naming the available graphs otherwise."""
@@ -156,7 +205,7 @@ def bundle_files(manifest: Manifest) -> dict[str, str]:
     """Every file the manifest names, mapped to its expected sha256."""
     files = {spec.file: spec.sha256 for spec in manifest.graphs.values()}
     files[manifest.tokenizer.file] = manifest.tokenizer.sha256
-    files.update(manifest.files)
+    files[manifest.weights.file] = manifest.weights.sha256
     return files
 
 

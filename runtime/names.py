@@ -16,3 +16,13 @@ NOISE_PRED = "noise_pred"  # UNet out: (B, C, h, w)
 
 LATENTS = "latents"  # VAE decoder in: (1, C, h, w) unscaled latents
 IMAGE = "image"  # VAE decoder out: (1, 3, H, W) in [-1, 1]
+
+DEEP_FEATURE = "deep_feature"  # DeepCache feature: output of a deep-write graph, input of a shallow one
+XATTN_PREFIX = "xattn/"  # cross-attention maps: "xattn/<attn2 module path>", outputs of write, inputs of read
+
+
+def unet_graph_name(latent: tuple[int, int], batch: int, deep: str, branch: int, xattn: str) -> str:
+    """File stem of a UNet variant graph, e.g. ``unet-64x64-b2-full`` or ``unet-32x32-b1-shallow1-xread``."""
+    deep_part = {"none": "full", "write": f"deep{branch}", "read": f"shallow{branch}"}[deep]
+    xattn_part = {"none": "", "write": "-xwrite", "read": "-xread"}[xattn]
+    return f"unet-{latent[0]}x{latent[1]}-b{batch}-{deep_part}{xattn_part}"

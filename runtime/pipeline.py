@@ -14,12 +14,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from postdiff.runtime.errors import InputError
+from postdiff.runtime.executor import ScheduleExecutor
 from postdiff.runtime.image import to_uint8
-from postdiff.runtime.manifest import Manifest, load_manifest
+from postdiff.runtime.manifest import Manifest, UNetVariant, load_manifest
 from postdiff.runtime.names import (CONTEXT, HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, NOISE_PRED, SAMPLE,
-                                    TEXT_ENCODER, TIMESTEP, UNET, VAE_DECODER)
+                                    TEXT_ENCODER, TIMESTEP, VAE_DECODER)
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.ort import OrtRunner
+from postdiff.runtime.schedule import Schedule
 from postdiff.runtime.schedulers import make_scheduler
 from postdiff.runtime.tokenizer import PromptTokenizer
 
@@ -69,10 +71,15 @@ class Pipeline:
         return self._runners[name]
 
     @property
+    def plain_unet(self) -> str:
+        """Name of the full-resolution, guidance-batch UNet graph that plain generation runs."""
+        return self.manifest.unet_graph(UNetVariant(latent=self.manifest.model.latent, batch=2, deep="none",
+                                                    branch=0, xattn="none"))
+
+    @property
     def latent_shape(self) -> tuple[int, ...]:
-        """Shape of one latent, (1, C, h, w), read from the UNet's sample input."""
-        batch_shape = self.manifest.graph(UNET).input(SAMPLE).shape
-        return (1, *batch_shape[1:])
+        """Shape of one full-resolution latent, (1, C, h, w)."""
+        return (1, self.manifest.model.latent_channels, *self.manifest.model.latent)
 
     def encode_prompt(self, text: str) -> np.ndarray:
         """Text-encoder hidden states of ``text``: (1, L, D)."""
@@ -80,17 +87,19 @@ class Pipeline:
         ids = self.tokenizer.encode(text, dtype=spec.dtype)
         return self.runner(TEXT_ENCODER).infer({INPUT_IDS: ids})[HIDDEN_STATES]
 
-    def initial_latents(self, seed: int) -> np.ndarray:
-        """Seeded standard-normal latents, reproducible across machines (numpy PCG64)."""
+    def initial_latents(self, seed: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Seeded standard-normal latents, reproducible across machines (numpy PCG64); full
+        resolution unless ``shape`` says otherwise."""
         rng = np.random.default_rng(seed)
-        return rng.standard_normal(self.latent_shape, dtype=np.float32)
+        return rng.standard_normal(shape or self.latent_shape, dtype=np.float32)
 
-    def check_latents(self, latents: np.ndarray) -> np.ndarray:
-        """Validate user-supplied initial latents against the bundle's latent shape."""
-        if latents.shape != self.latent_shape:
+    def check_latents(self, latents: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Validate user-supplied initial latents against the expected shape."""
+        shape = shape or self.latent_shape
+        if latents.shape != shape:
             raise InputError(
-                f"initial latents have shape {list(latents.shape)}, but this bundle expects "
-                f"{list(self.latent_shape)}; generate them for this bundle's resolution"
+                f"initial latents have shape {list(latents.shape)}, but this bundle and schedule expect "
+                f"{list(shape)}; generate them for this resolution"
             )
         return latents.astype(np.float32, copy=False)
 
@@ -105,7 +114,7 @@ class Pipeline:
         """
         scheduler = make_scheduler(options.scheduler, self.manifest.scheduler)
         scheduler.set_timesteps(options.steps)
-        unet = self.runner(UNET)
+        unet = self.runner(self.plain_unet)
         sample_dtype, timestep_dtype = unet.spec.input(SAMPLE).dtype, unet.spec.input(TIMESTEP).dtype
         context = context.astype(unet.spec.input(CONTEXT).dtype, copy=False)
         latents = latents * np.float32(scheduler.init_noise_sigma)
@@ -127,16 +136,31 @@ class Pipeline:
         latents = latents.astype(decoder.spec.input(LATENTS).dtype, copy=False)
         return to_uint8(decoder.infer({LATENTS: latents})[IMAGE].astype(np.float32, copy=False))
 
-    def generate(self, options: GenerateOptions, latents: np.ndarray | None = None,
-                 progress: bool = False) -> Generation:
-        """Generate one image; ``latents`` overrides the seeded initial noise."""
+    def encode_pair(self, options: GenerateOptions) -> np.ndarray:
+        """[negative; positive] encoder states (2, L, D); both rows carry the prompt when guidance is
+        off, so that only the conditional half matters."""
+        positive = self.encode_prompt(options.prompt)
+        negative = self.encode_prompt(options.negative_prompt) if options.guidance > 1.0 else positive
+        return np.concatenate([negative, positive])
+
+    def generate(self, options: GenerateOptions, latents: np.ndarray | None = None, progress: bool = False,
+                 schedule: Schedule | None = None) -> Generation:
+        """Generate one image; ``latents`` overrides the seeded initial noise.
+
+        Without ``schedule`` this is plain generation (``options.steps`` full steps with guidance).
+        With one, the schedule fixes the steps and every graph choice; all the graphs it needs are
+        checked to exist before any compute.
+        """
         options.validate()
-        latents = self.initial_latents(options.seed) if latents is None else self.check_latents(latents)
-        if options.guidance > 1.0:
-            context = np.concatenate([self.encode_prompt(options.negative_prompt),
-                                      self.encode_prompt(options.prompt)])
-        else:  # guidance off: both batch rows carry the prompt, only the conditional half is used
-            positive = self.encode_prompt(options.prompt)
-            context = np.concatenate([positive, positive])
-        final = self.denoise(latents, context, options, progress)
+        if schedule is None:
+            latents = self.initial_latents(options.seed) if latents is None else self.check_latents(latents)
+            final = self.denoise(latents, self.encode_pair(options), options, progress)
+        else:
+            executor = ScheduleExecutor(self.manifest, schedule, self.runner)
+            shape = executor.first_latent_shape()
+            latents = self.initial_latents(options.seed, shape) if latents is None else \
+                self.check_latents(latents, shape)
+            scheduler = make_scheduler(options.scheduler, self.manifest.scheduler)
+            final = executor.run(scheduler, latents, self.encode_pair(options), options.guidance, options.seed,
+                                 progress)
         return Generation(latents=final, image=self.decode(final)[0])

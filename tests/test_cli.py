@@ -58,9 +58,9 @@ def test_generate_reads_initial_latents(capsys, tiny_bundle: Path, tmp_path: Pat
 
 
 def test_missing_graph_file(capsys, bundle_copy: Path, tmp_path: Path) -> None:
-    (bundle_copy / "unet.onnx").unlink()
+    (bundle_copy / "unet-16x16-b2-full.onnx").unlink()
     code, err = run_cli(capsys, *gen_args(bundle_copy, tmp_path / "x.png"))
-    assert code == 2 and "unet.onnx is missing" in err and "re-export" in err
+    assert code == 2 and "unet-16x16-b2-full.onnx is missing" in err and "re-export" in err
     assert not (tmp_path / "x.png").exists()
 
 

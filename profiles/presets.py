@@ -1,0 +1,50 @@
+"""The knobs behind every schedule preset in ``profiles/schedules/``.
+
+The JSON files are what users read and what the runtime loads; they are generated from these knobs
+by ``python -m postdiff.profiles.presets`` and a test checks that they still match.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from postdiff.runtime.jsonio import dumps
+from postdiff.runtime.schedule_builder import ScheduleKnobs, build_schedule
+
+SCHEDULES_DIR = Path(__file__).resolve().parent / "schedules"
+
+# name -> (knobs, description)
+PRESETS: dict[str, tuple[ScheduleKnobs, str]] = {
+    "baseline": (ScheduleKnobs(steps=20),
+                 "20 full-resolution steps with guidance: the reference every speed-up is measured against"),
+    "fewer-steps": (ScheduleKnobs(steps=8),
+                    "8 full-resolution steps: the paper's 'fewer steps' alternative at about the same compute"),
+    "postdiff-sd15": (
+        ScheduleKnobs(steps=20, low_res=((0.5, 10),), deepcache_interval=2, deepcache_branch=1, xattn_gate=5,
+                      xattn_mode="cond"),
+        "PostDiff on SD 1.5 (ICCV 2025): first 10 of 20 steps at 1/2 side length, DeepCache interval 2 "
+        "(branch 1), cross-attention gate at step 5 caching the conditional maps",
+    ),
+    "postdiff-beta34": (
+        ScheduleKnobs(steps=20, low_res=((0.75, 10),), deepcache_interval=2, deepcache_branch=1, xattn_gate=5,
+                      xattn_mode="cond"),
+        "PostDiff with beta = 3/4 (the paper's setting for SDXL and PixArt-alpha): first 10 of 20 steps at 3/4 "
+        "side length, DeepCache interval 2 (branch 1), cross-attention gate at step 5 (Cond)",
+    ),
+}
+
+
+def preset_text(name: str) -> str:
+    """The JSON text of preset ``name`` as it is stored in ``profiles/schedules``."""
+    knobs, description = PRESETS[name]
+    return dumps(build_schedule(knobs, name, description))
+
+
+def main() -> None:
+    """Regenerate ``profiles/schedules/*.json`` from :data:`PRESETS`."""
+    for name in PRESETS:
+        (SCHEDULES_DIR / f"{name}.json").write_text(preset_text(name), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

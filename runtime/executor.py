@@ -1,0 +1,146 @@
+"""Executing a static schedule: the runtime half of PostDiff.
+
+The executor walks :func:`~postdiff.runtime.schedule.plan_steps` and, per step, picks the UNet graph
+the plan names, feeds it, keeps the cache tensors it emits (the DeepCache feature, the
+cross-attention maps) as numpy arrays until a later graph takes them, and advances the scheduler.
+It decides nothing: every choice was made when the schedule was built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from postdiff.runtime.errors import ScheduleError
+from postdiff.runtime.manifest import Manifest, UNetVariant
+from postdiff.runtime.names import CONTEXT, DEEP_FEATURE, NOISE_PRED, SAMPLE, TIMESTEP, XATTN_PREFIX
+from postdiff.runtime.resize import resize_bilinear
+from postdiff.runtime.runners.base import Runner
+from postdiff.runtime.schedule import Schedule, StepPlan, Variant, latent_size, plan_steps
+from postdiff.runtime.schedulers.base import Scheduler
+
+
+def concrete(manifest: Manifest, variant: Variant) -> UNetVariant:
+    """The manifest-level variant of a schedule-level one, at this bundle's latent size."""
+    latent = latent_size(manifest.model.latent, variant.scale, manifest.model.downsample_factor)
+    return UNetVariant(latent=latent, batch=variant.batch, deep=variant.deep, branch=variant.branch,
+                       xattn=variant.xattn)
+
+
+def required_graphs(manifest: Manifest, schedule: Schedule) -> list[str]:
+    """Names of the UNet graphs ``schedule`` runs on this bundle, checked before any compute.
+
+    Raises:
+        ScheduleError: a scale off the bundle's grid or a variant the bundle was not exported with.
+    """
+    missing, found = [], []
+    for plan in plan_steps(schedule):
+        for variant in (plan.switch_from, plan.variant):
+            if variant is None:
+                continue
+            wanted = concrete(manifest, variant)
+            match = [n for n, g in sorted(manifest.graphs.items()) if g.variant == wanted]
+            (found if match else missing).append(match[0] if match else wanted)
+    if missing:
+        raise ScheduleError(
+            f"schedule '{schedule.name}' needs UNet graphs this bundle lacks, first {missing[0]} "
+            f"({len(set(missing))} missing in all); re-export with `postdiff export MODEL --schedule "
+            f"{schedule.name} ...`"
+        )
+    return list(dict.fromkeys(found))
+
+
+def switch_noise(seed: int, step: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The fresh Gaussian noise of the resolution switch at ``step``: seeded, so runs reproduce."""
+    return np.random.default_rng([seed, 1, step]).standard_normal(shape, dtype=np.float32)
+
+
+class ScheduleExecutor:
+    """Runs one schedule with a given scheduler over a bundle's UNet graphs."""
+
+    def __init__(self, manifest: Manifest, schedule: Schedule, runner: Callable[[str], Runner]) -> None:
+        self.manifest = manifest
+        self.schedule = schedule
+        self.graph_names = required_graphs(manifest, schedule)
+        self._runner = runner
+        self._feature: np.ndarray | None = None
+        self._xattn: dict[str, np.ndarray] = {}
+
+    def first_latent_shape(self) -> tuple[int, ...]:
+        """Shape of the initial noise: the first step's latent size."""
+        h, w = concrete(self.manifest, plan_steps(self.schedule)[0].variant).latent
+        return (1, self.manifest.model.latent_channels, h, w)
+
+    def run(self, scheduler: Scheduler, latents: np.ndarray, context: np.ndarray, guidance: float, seed: int,
+            progress: bool = False) -> np.ndarray:
+        """Denoise ``latents`` (initial noise at the first step's size, unscaled) and return the
+        final full-resolution latents.
+
+        Args:
+            scheduler: a fresh scheduler; its timesteps are set here to the schedule's length.
+            context: [negative; positive] encoder states (2, L, D).
+            guidance: classifier-free guidance scale for the steps with ``cfg`` on.
+            seed: seeds the re-noising at resolution switches.
+        """
+        scheduler.set_timesteps(len(self.schedule.steps))
+        self._feature, self._xattn = None, {}
+        x = latents * np.float32(scheduler.init_noise_sigma)
+        plans = plan_steps(self.schedule)
+        for plan, t in tqdm(list(zip(plans, scheduler.timesteps)), desc=self.schedule.name, disable=not progress,
+                            leave=False):
+            if plan.switch_from is not None:
+                x = self._switch(plan, scheduler, x, t, context, guidance, seed)
+            noise = self._evaluate(plan.variant, scheduler, x, t, context, guidance)
+            x = scheduler.step(noise, t, x)
+        return x
+
+    def _switch(self, plan: StepPlan, scheduler: Scheduler, x: np.ndarray, t: np.generic, context: np.ndarray,
+                guidance: float, seed: int) -> np.ndarray:
+        """Resolution switch (DESIGN §1): x̂0 from the old resolution at t, bilinear upsample,
+        re-noise to the same t with fresh seeded noise, and restart the solver's history."""
+        noise = self._evaluate(plan.switch_from, scheduler, x, t, context, guidance)
+        x0 = scheduler.predict_x0(noise, t, x)
+        h, w = concrete(self.manifest, plan.variant).latent
+        up = resize_bilinear(x0, h, w)
+        scheduler.reset()
+        self._feature = None  # spatial caches are stale at the new size
+        return scheduler.add_noise(up, switch_noise(seed, plan.index, up.shape), t)
+
+    def _evaluate(self, variant: Variant, scheduler: Scheduler, x: np.ndarray, t: np.generic,
+                  context: np.ndarray, guidance: float) -> np.ndarray:
+        """One UNet evaluation; returns the (guided) noise prediction for one latent."""
+        runner = self._runner(self.manifest.unet_graph(concrete(self.manifest, variant)))
+        spec = runner.spec
+        batch = np.concatenate([x, x]) if variant.batch == 2 else x
+        feed = {SAMPLE: scheduler.scale_model_input(batch, t).astype(spec.input(SAMPLE).dtype, copy=False),
+                TIMESTEP: np.full((variant.batch,), t, dtype=spec.input(TIMESTEP).dtype)}
+        if variant.xattn != "read":
+            rows = context if variant.batch == 2 else context[1:]
+            feed[CONTEXT] = rows.astype(spec.input(CONTEXT).dtype, copy=False)
+        if variant.deep == "read":
+            feed[DEEP_FEATURE] = self._feature
+        if variant.xattn == "read":
+            feed.update({t.name: self._xattn[t.name] for t in spec.inputs if t.name.startswith(XATTN_PREFIX)})
+        outputs = runner.infer(feed)
+        if variant.deep == "write":
+            self._feature = outputs[DEEP_FEATURE]
+        if variant.xattn == "write":
+            self._xattn = {name: self._keep_map(value) for name, value in outputs.items()
+                           if name.startswith(XATTN_PREFIX)}
+        prediction = outputs[NOISE_PRED].astype(np.float32, copy=False)
+        if variant.batch == 1:
+            return prediction
+        uncond, cond = prediction[:1], prediction[1:]
+        # Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w (eps_c - eps_u).
+        return uncond + np.float32(guidance) * (cond - uncond)
+
+    def _keep_map(self, value: np.ndarray) -> np.ndarray:
+        """What a capture keeps of an attn2 output: one row, for the batch-1 steps after the gate.
+        "cond" keeps the conditional half (PostDiff), "ave" the mean of both halves (T-GATE)."""
+        if value.shape[0] == 1:
+            return value
+        if self.schedule.xattn_mode == "ave":
+            return ((value[:1] + value[1:]) / 2).astype(value.dtype)
+        return np.ascontiguousarray(value[1:])

@@ -1,0 +1,250 @@
+"""Static denoising schedules: what runs at every step, decided before generation starts.
+
+A schedule is data (JSON, ``format_version`` 1). Each step says at which latent scale it runs,
+whether classifier-free guidance is on (batch 2) or off (batch 1, conditional half only), and what
+it does with the two caches of PostDiff's hybrid module caching (DESIGN §1):
+
+- ``deep``: DeepCache feature reuse. ``refresh`` runs the full UNet and keeps the feature entering
+  up-layer ``branch``; ``reuse`` runs only the shallow layers fed that feature; ``none`` runs the
+  plain full UNet.
+- ``xattn``: cross-attention output caching. ``capture`` computes every attn2 module and keeps its
+  output (the conditional half, or the mean of both halves, per ``xattn_mode``); ``reuse`` feeds the
+  kept outputs instead of computing cross-attention (guidance must be off).
+
+A step whose scale differs from the previous step's is a resolution switch (``switch: true``):
+the clean sample x̂0 is predicted from the previous resolution's state with a model evaluation at
+this step's timestep, upsampled bilinearly and re-noised to the same timestep (DESIGN §1).
+
+Timesteps are not stored: they follow from the scheduler chosen at generation time (DDIM, DPM++
+and Euler place them differently); step ``i`` runs at the scheduler's ``i``-th timestep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from postdiff.runtime.errors import ScheduleError
+from postdiff.runtime.jsonio import from_dict, read_json
+
+FORMAT_VERSION = 1
+DEEP_ACTIONS = ("none", "refresh", "reuse")
+XATTN_ACTIONS = ("none", "capture", "reuse")
+XATTN_MODES = ("cond", "ave")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One denoising step."""
+
+    scale: float = 1.0  # latent side length relative to the bundle's full resolution
+    cfg: bool = True  # classifier-free guidance: batch 2 when on, batch 1 (conditional) when off
+    deep: str = "none"  # DeepCache action, one of DEEP_ACTIONS
+    branch: int = 0  # DeepCache branch (skip connection index, 0 = shallowest) for refresh/reuse
+    xattn: str = "none"  # cross-attention cache action, one of XATTN_ACTIONS
+    switch: bool = False  # first step at a new scale: x̂0 -> upsample -> re-noise before it runs
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A whole denoising schedule."""
+
+    format_version: int
+    name: str
+    steps: tuple[Step, ...]
+    xattn_mode: str = "cond"  # what a capture keeps from a CFG batch: "cond" half or "ave" of both
+    description: str = ""
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """The distinct scales in order of use."""
+        seen: list[float] = []
+        for step in self.steps:
+            if not seen or seen[-1] != step.scale:
+                seen.append(step.scale)
+        return tuple(seen)
+
+
+def load_schedule(path: Path) -> Schedule:
+    """Read and validate a schedule JSON file (ScheduleError on any problem)."""
+    data = read_json(Path(path), ScheduleError)
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != FORMAT_VERSION:
+        raise ScheduleError(f"{path}: schedule format_version {version!r} is not supported; expected {FORMAT_VERSION}")
+    schedule = from_dict(Schedule, data, str(path), ScheduleError)
+    validate(schedule)
+    return schedule
+
+
+def validate(schedule: Schedule) -> None:
+    """Check that ``schedule`` is executable on its own terms (no bundle needed).
+
+    Raises:
+        ScheduleError: naming the first offending step, what is wrong and how to fix it.
+    """
+    if not schedule.steps:
+        raise ScheduleError(f"schedule '{schedule.name}' has no steps; it needs at least one")
+    if schedule.xattn_mode not in XATTN_MODES:
+        raise ScheduleError(f"xattn_mode '{schedule.xattn_mode}' is not one of {list(XATTN_MODES)}")
+    if schedule.steps[-1].scale != 1.0:
+        raise ScheduleError(
+            f"schedule '{schedule.name}' ends at scale {schedule.steps[-1].scale}; the last step must run at "
+            "full resolution (scale 1.0) so the decoder gets a full-size latent"
+        )
+    deep_cache: tuple[float, bool, int] | None = None  # (scale, cfg, branch) of the stored feature
+    xattn_scale: float | None = None  # scale of the stored attn2 outputs
+    previous: Step | None = None
+    for index, step in enumerate(schedule.steps):
+        where = f"schedule '{schedule.name}' step {index}"
+        _check_fields(step, where)
+        changed_scale = previous is not None and step.scale != previous.scale
+        if previous is not None and step.scale < previous.scale:
+            raise ScheduleError(f"{where}: scale goes down from {previous.scale} to {step.scale}; "
+                                "scales may only increase (low resolution first)")
+        if step.switch != changed_scale:
+            raise ScheduleError(
+                f"{where}: switch is {step.switch} but the scale {'changes' if changed_scale else 'does not change'} "
+                f"here; set switch true exactly on the first step at a new scale"
+            )
+        if changed_scale or (previous is not None and step.cfg != previous.cfg):
+            deep_cache = None  # spatial size or batch changed: the feature is stale
+        if changed_scale:
+            xattn_scale = None if step.xattn != "capture" else xattn_scale
+        deep_cache = _check_deep(step, deep_cache, where, schedule.name)
+        xattn_scale = _check_xattn(step, xattn_scale, where)
+        previous = step
+
+
+def _check_fields(step: Step, where: str) -> None:
+    if not 0.0 < step.scale <= 1.0:
+        raise ScheduleError(f"{where}: scale {step.scale} is outside (0, 1]")
+    if step.deep not in DEEP_ACTIONS:
+        raise ScheduleError(f"{where}: deep '{step.deep}' is not one of {list(DEEP_ACTIONS)}")
+    if step.xattn not in XATTN_ACTIONS:
+        raise ScheduleError(f"{where}: xattn '{step.xattn}' is not one of {list(XATTN_ACTIONS)}")
+    if step.branch < 0:
+        raise ScheduleError(f"{where}: branch {step.branch} is negative")
+
+
+def _check_deep(step: Step, cache: tuple[float, bool, int] | None, where: str,
+                name: str) -> tuple[float, bool, int] | None:
+    if step.deep == "refresh":
+        return (step.scale, step.cfg, step.branch)
+    if step.deep == "reuse":
+        if cache is None:
+            raise ScheduleError(
+                f"{where}: DeepCache reuse without a valid cached feature (none was refreshed since the last "
+                "resolution switch or guidance change); make this step a refresh"
+            )
+        if cache[2] != step.branch:
+            raise ScheduleError(f"{where}: reuses branch {step.branch} but the cached feature is from branch "
+                                f"{cache[2]}; use the same branch as the refresh")
+    return cache
+
+
+def _check_xattn(step: Step, cached_scale: float | None, where: str) -> float | None:
+    if step.xattn == "capture":
+        if step.deep == "reuse":
+            raise ScheduleError(f"{where}: a cross-attention capture must compute every attn2 module, but a "
+                                "DeepCache reuse step skips the deep ones; make it a refresh or a plain step")
+        return step.scale
+    if step.xattn == "reuse":
+        if step.cfg:
+            raise ScheduleError(f"{where}: cross-attention reuse needs guidance off (cfg false): the cached "
+                                "maps carry one condition only")
+        if cached_scale is None:
+            raise ScheduleError(
+                f"{where}: cross-attention reuse without captured maps at scale {step.scale} (the maps are "
+                "spatial: a resolution switch after the gate needs a re-capture); make this step a capture"
+            )
+    return cached_scale
+
+
+def preset_names() -> list[str]:
+    """Names of the schedule presets shipped in ``profiles/schedules``."""
+    folder = resources.files("postdiff.profiles") / "schedules"
+    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".json"))
+
+
+def resolve_schedule(spec: str) -> Schedule:
+    """A schedule from a JSON file path or a preset name (ScheduleError listing presets otherwise)."""
+    path = Path(spec)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise ScheduleError(f"schedule file {path} does not exist; presets: {', '.join(preset_names())}")
+        return load_schedule(path)
+    if spec not in preset_names():
+        raise ScheduleError(f"'{spec}' is neither a schedule file nor a preset; presets: {', '.join(preset_names())}")
+    with resources.as_file(resources.files("postdiff.profiles") / "schedules" / f"{spec}.json") as preset:
+        return load_schedule(preset)
+
+
+# --- Resolving a schedule into graph evaluations --------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    """The UNet graph one evaluation needs (scale-relative; :func:`graph_name` makes it concrete)."""
+
+    scale: float
+    batch: int  # 2 with guidance, 1 without
+    deep: str = "none"  # "none" | "write" (full, emits the feature) | "read" (shallow, takes it)
+    branch: int = 0
+    xattn: str = "none"  # "none" | "write" (emits attn2 outputs) | "read" (takes them)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the executor does at one step: an optional switch evaluation at the previous scale
+    (for x̂0), then the step's own evaluation."""
+
+    index: int
+    variant: Variant
+    switch_from: Variant | None = None
+
+
+def plan_steps(schedule: Schedule) -> tuple[StepPlan, ...]:
+    """The graph evaluations of every step, in order (the schedule must be valid)."""
+    plans = []
+    xattn_scale: float | None = None  # scale at which attn2 outputs are held
+    previous: Step | None = None
+    for index, step in enumerate(schedule.steps):
+        batch = 2 if step.cfg else 1
+        switch_from = None
+        if step.switch and previous is not None:
+            # x̂0 comes from a plain evaluation at the old scale and this step's guidance setting,
+            # reading the held cross-attention maps when guidance is already off.
+            reads = not step.cfg and xattn_scale == previous.scale
+            switch_from = Variant(scale=previous.scale, batch=batch, xattn="read" if reads else "none")
+        deep = {"none": "none", "refresh": "write", "reuse": "read"}[step.deep]
+        xattn = {"none": "none", "capture": "write", "reuse": "read"}[step.xattn]
+        plans.append(StepPlan(index, Variant(step.scale, batch, deep, step.branch if deep != "none" else 0, xattn),
+                              switch_from))
+        if step.xattn == "capture":
+            xattn_scale = step.scale
+        previous = step
+    return tuple(plans)
+
+
+def graph_variants(schedule: Schedule) -> tuple[Variant, ...]:
+    """Every distinct UNet variant the schedule evaluates, in first-use order."""
+    seen: dict[Variant, None] = {}
+    for plan in plan_steps(schedule):
+        if plan.switch_from is not None:
+            seen.setdefault(plan.switch_from)
+        seen.setdefault(plan.variant)
+    return tuple(seen)
+
+
+def latent_size(full: tuple[int, int], scale: float, multiple: int) -> tuple[int, int]:
+    """Latent (h, w) at ``scale`` of the full latent size; ScheduleError if off the model's grid."""
+    height, width = full[0] * scale, full[1] * scale
+    if height != int(height) or width != int(width) or int(height) % multiple or int(width) % multiple:
+        valid = sorted({m / full[0] for m in range(multiple, full[0] + 1, multiple)
+                        if (full[1] * m / full[0]) % multiple == 0 and (full[1] * m) % full[0] == 0})
+        raise ScheduleError(
+            f"scale {scale} gives a {height:g}x{width:g} latent, off this model's grid (sides must be whole "
+            f"multiples of {multiple} for a {full[0]}x{full[1]} full latent); valid scales: "
+            f"{', '.join(f'{v:g}' for v in valid)}"
+        )
+    return int(height), int(width)

@@ -1,0 +1,112 @@
+"""Building schedules from the PostDiff knobs (the `postdiff schedule` flags and the tuner).
+
+The rules follow DESIGN §1: mixed-resolution stages first; guidance on up to and including the
+cross-attention gate step m, off after it; the gate step captures the attn2 outputs, later steps
+reuse them, and a resolution switch after the gate re-captures; DeepCache refreshes every k-th step
+(or on a non-uniform pattern packed around a centre step) and additionally wherever a cached feature
+would be stale or a capture needs the deep layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from postdiff.runtime.errors import ScheduleError
+from postdiff.runtime.schedule import FORMAT_VERSION, XATTN_MODES, Schedule, Step, validate
+
+
+@dataclass(frozen=True)
+class ScheduleKnobs:
+    """Every setting a schedule is built from."""
+
+    steps: int = 20
+    low_res: tuple[tuple[float, int], ...] = ()  # (scale, number of steps) stages before full resolution
+    deepcache_interval: int = 1  # k; 1 = DeepCache off
+    deepcache_branch: int = 0
+    deepcache_nonuniform: tuple[int, float] | None = None  # (centre step c, power p)
+    xattn_gate: int | None = None  # step m that captures; guidance off after it
+    xattn_mode: str = "cond"
+
+
+def build_schedule(knobs: ScheduleKnobs, name: str, description: str = "") -> Schedule:
+    """Turn ``knobs`` into a validated schedule (ScheduleError naming the bad knob otherwise)."""
+    _check_knobs(knobs)
+    scales = [scale for scale, count in knobs.low_res for _ in range(count)]
+    scales += [1.0] * (knobs.steps - len(scales))
+    gate = knobs.xattn_gate
+    refresh_at = _refresh_steps(knobs)
+    steps: list[Step] = []
+    last_refresh = None
+    for i, scale in enumerate(scales):
+        switch = i > 0 and scale != scales[i - 1]
+        cfg = gate is None or i <= gate
+        if gate is None or i < gate:
+            xattn = "none"
+        elif i == gate or switch:
+            xattn = "capture"  # the gate, and a re-capture after a switch (the maps are spatial)
+        else:
+            xattn = "reuse"
+        deep = "none"
+        if knobs.deepcache_interval > 1:
+            forced = (last_refresh is None or switch or xattn == "capture" or (gate is not None and i == gate + 1))
+            if forced or (i in refresh_at if refresh_at is not None
+                          else i - last_refresh >= knobs.deepcache_interval):
+                deep, last_refresh = "refresh", i
+            else:
+                deep = "reuse"
+        steps.append(Step(scale=scale, cfg=cfg, deep=deep, branch=knobs.deepcache_branch if deep != "none" else 0,
+                          xattn=xattn, switch=switch))
+    schedule = Schedule(format_version=FORMAT_VERSION, name=name, steps=tuple(steps), xattn_mode=knobs.xattn_mode,
+                        description=description)
+    validate(schedule)
+    return schedule
+
+
+def _refresh_steps(knobs: ScheduleKnobs) -> set[int] | None:
+    """Steps where non-uniform DeepCache refreshes by its own pattern (forced refreshes come on top);
+    None for the uniform pattern, which refreshes k steps after the previous refresh."""
+    k, total = knobs.deepcache_interval, knobs.steps
+    if knobs.deepcache_nonuniform is None:
+        return None
+    centre, power = knobs.deepcache_nonuniform
+    count = math.ceil(total / k)
+    # Non-uniform DeepCache: refresh points x_j = c + sign(u_j)|u_j|^p for u_j evenly spaced between
+    # -c^(1/p) and (T-1-c)^(1/p): with p > 1 they crowd around the centre step c.
+    low, high = -(centre ** (1 / power)), (total - 1 - centre) ** (1 / power)
+    u = np.linspace(low, high, count)
+    points = np.rint(centre + np.sign(u) * np.abs(u) ** power).astype(int)
+    return {0, *(int(p) for p in points if 0 <= p < total)}
+
+
+def _check_knobs(knobs: ScheduleKnobs) -> None:
+    if knobs.steps <= 0:
+        raise ScheduleError(f"--steps {knobs.steps} is not positive; use at least 1")
+    low_total = sum(count for _, count in knobs.low_res)
+    if low_total >= knobs.steps:
+        raise ScheduleError(f"--low-res stages take {low_total} of {knobs.steps} steps; at least the last step "
+                            "must run at full resolution: lower the stage counts or raise --steps")
+    previous = 0.0
+    for scale, count in knobs.low_res:
+        if not 0.0 < scale < 1.0 or scale <= previous:
+            raise ScheduleError(f"--low-res scale {scale} must be in (0, 1) and larger than the previous stage's "
+                                f"({previous:g}), e.g. --low-res 0.5:6 0.75:4")
+        if count <= 0:
+            raise ScheduleError(f"--low-res {scale}:{count}: the step count must be positive")
+        previous = scale
+    if knobs.deepcache_interval < 1:
+        raise ScheduleError(f"--deepcache-interval {knobs.deepcache_interval} must be at least 1 (1 = off)")
+    if knobs.deepcache_branch < 0:
+        raise ScheduleError(f"--deepcache-branch {knobs.deepcache_branch} must be 0 or more")
+    if knobs.deepcache_nonuniform is not None:
+        centre, power = knobs.deepcache_nonuniform
+        if not 0 <= centre < knobs.steps or power < 1.0:
+            raise ScheduleError(f"--deepcache-nonuniform {centre},{power}: the centre must be a step index in "
+                                f"[0, {knobs.steps}) and the power at least 1")
+    if knobs.xattn_gate is not None and not 0 <= knobs.xattn_gate < knobs.steps - 1:
+        raise ScheduleError(f"--xattn-gate {knobs.xattn_gate} must be a step index in [0, {knobs.steps - 1}) "
+                            "so that at least one step reuses the captured maps")
+    if knobs.xattn_mode not in XATTN_MODES:
+        raise ScheduleError(f"--xattn-mode '{knobs.xattn_mode}' is not one of {list(XATTN_MODES)}")

@@ -1,0 +1,449 @@
+"""What the three numpy schedulers share: the config schema, the noise schedule, the base class.
+
+The ports are written to reproduce diffusers 0.42.1 (run with torch 2.13 on CPU) in float32, in the
+same order of operations, so a trajectory stepped here stays within ~1e-6 of the same trajectory
+stepped by diffusers. Two places need more than the textbook formula to get there:
+
+* ``torch.linspace`` in float32 evaluates every point as ``start + step * i`` (the upper half as
+  ``end - step * (n - 1 - i)``) with a fused multiply-add, so each point is rounded once.
+  :func:`torch_linspace_f32` does the same in exact arithmetic.
+* ``torch.cumprod`` of a float32 tensor on the CPU accumulates in float64 and rounds each partial
+  product to float32; :func:`alphas_cumprod_from_betas` does the same.
+
+Everything else is plain IEEE float32 arithmetic on numpy scalars and arrays. The one remaining
+source of difference is that torch's float32 ``sqrt``/``log``/``exp`` (MKL and SLEEF kernels) are
+not always correctly rounded, while these ports round correctly: scalar coefficients can differ
+from diffusers' by one unit in the last place.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
+from numbers import Integral, Real
+from typing import Any, ClassVar
+
+import numpy as np
+
+from postdiff.runtime.errors import InputError
+
+# float32 constants: written out so that no expression silently widens to float64 (numpy < 2
+# promotes float32 scalars combined with Python floats by value).
+F32_ZERO = np.float32(0.0)
+F32_ONE = np.float32(1.0)
+F32_HALF = np.float32(0.5)
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+INTERPOLATION_TYPES = ("linear",)
+SOLVER_TYPES = ("midpoint", "heun")
+
+_FIX = "fix the scheduler config (or normalize_config() the model's scheduler_config.json again)"
+
+
+# --------------------------------------------------------------------------------------------
+# Config values
+# --------------------------------------------------------------------------------------------
+
+
+def show(value: Any) -> str:
+    """repr() of a value, numpy scalars shown as the plain Python number they hold."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return repr(value)
+
+
+def _bad(key: str, value: Any, expected: str) -> InputError:
+    return InputError(f"scheduler config '{key}' is {show(value)}; expected {expected}; {_FIX}")
+
+
+def _int_at_least(minimum: int) -> Callable[[str, Any], int]:
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, Integral) or int(value) < minimum:
+            raise _bad(key, value, f"an integer >= {minimum}")
+        return int(value)
+
+    return check
+
+
+def _check_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise _bad(key, value, "true or false")
+    return bool(value)
+
+
+def _check_beta(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 <= float(value) < 1.0:
+        raise _bad(key, value, "a number in [0, 1)")
+    return float(value)
+
+
+def _check_positive(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not float(value) > 0.0 \
+            or not math.isfinite(float(value)):
+        raise _bad(key, value, "a finite number > 0")
+    return float(value)
+
+
+def _check_lambda_min(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or math.isnan(float(value)) \
+            or float(value) == math.inf:
+        raise _bad(key, value, "a number or -inf")
+    return float(value)
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[str, Any], str]:
+    def check(key: str, value: Any) -> str:
+        if value not in choices:
+            raise _bad(key, value, "one of " + ", ".join(repr(c) for c in choices))
+        return str(value)
+
+    return check
+
+
+def _check_trained_betas(key: str, value: Any) -> list[float] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray)):
+        raise _bad(key, type(value).__name__, "null or a list of numbers")
+    betas = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, Real) or not 0.0 <= float(item) < 1.0:
+            raise _bad(key, f"a list containing {item!r}", "null or a list of numbers in [0, 1)")
+        betas.append(float(item))
+    if not betas:
+        raise _bad(key, "an empty list", "null or a list of numbers in [0, 1)")
+    return betas
+
+
+# Every key a scheduler built here understands, with its check/normaliser. A key that one
+# scheduler does not use (clip_sample for Euler, say) is accepted and ignored by it, exactly as
+# diffusers' from_config() ignores it.
+VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
+    "num_train_timesteps": _int_at_least(1),
+    "beta_start": _check_beta,
+    "beta_end": _check_beta,
+    "beta_schedule": _one_of(BETA_SCHEDULES),
+    "trained_betas": _check_trained_betas,
+    "prediction_type": _one_of(PREDICTION_TYPES),
+    "timestep_spacing": _one_of(TIMESTEP_SPACINGS),
+    "steps_offset": _int_at_least(0),
+    "set_alpha_to_one": _check_bool,
+    "clip_sample": _check_bool,
+    "clip_sample_range": _check_positive,
+    "lower_order_final": _check_bool,
+    "euler_at_final": _check_bool,
+    "final_sigmas_type": _one_of(FINAL_SIGMAS_TYPES),
+    "lambda_min_clipped": _check_lambda_min,
+    "solver_type": _one_of(SOLVER_TYPES),
+    "interpolation_type": _one_of(INTERPOLATION_TYPES),
+}
+
+# Defaults every diffusers scheduler class we mirror shares.
+COMMON_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "steps_offset": 0,
+}
+
+
+def resolve_config(config: Mapping[str, Any], defaults: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """Validate ``config`` (keys of :data:`VALIDATORS` only) and fill in ``defaults``.
+
+    Keys that ``defaults`` does not list are validated and then dropped: they mean nothing to
+    this scheduler.
+    """
+    if not isinstance(config, Mapping):
+        raise InputError(
+            f"scheduler config is a {type(config).__name__}; expected a mapping of config keys; "
+            "pass normalize_config(<scheduler_config.json dict>)"
+        )
+    unknown = sorted(str(k) for k in config if k not in VALIDATORS)
+    if unknown:
+        raise InputError(
+            f"{name} scheduler config has unknown keys {unknown}; expected only "
+            f"{sorted(VALIDATORS)}; "
+            "pass the model's scheduler_config.json through normalize_config() first"
+        )
+    checked = {key: VALIDATORS[key](key, value) for key, value in config.items()}
+    resolved = {key: checked.get(key, default) for key, default in defaults.items()}
+    betas = resolved.get("trained_betas")
+    if betas is not None and len(betas) != resolved["num_train_timesteps"]:
+        raise InputError(
+            f"scheduler config 'trained_betas' has {len(betas)} values but 'num_train_timesteps' "
+            f"is {resolved['num_train_timesteps']}; expected one beta per training timestep; {_FIX}"
+        )
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------
+# Noise schedule
+# --------------------------------------------------------------------------------------------
+
+
+def _round_to_f32(exact: Fraction) -> np.float32:
+    """Round a rational number to the nearest float32 (ties to even), in one rounding."""
+    guess = np.float32(float(exact))
+    candidates = (np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf)))
+    return min(
+        candidates,
+        key=lambda c: (abs(Fraction(float(c)) - exact), int(np.asarray(c).view(np.uint32)) & 1),
+    )
+
+
+def torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
+    """``torch.linspace(start, end, steps, dtype=torch.float32)`` as torch computes it on CPU.
+
+    start, end and the step ``(end - start) / (steps - 1)`` are float32. Point i is
+    ``start + step * i`` for i < steps // 2 and ``end - step * (steps - 1 - i)`` above that,
+    each evaluated as a fused multiply-add (one rounding), which is what the compiled kernel does.
+    """
+    lo = np.float32(start)
+    hi = np.float32(end)
+    if steps == 1:
+        return np.array([lo], dtype=np.float32)
+    step = (hi - lo) / np.float32(steps - 1)
+    out = np.empty(steps, dtype=np.float32)
+    half = steps // 2
+    exact_step = Fraction(float(step))
+    exact_lo, exact_hi = Fraction(float(lo)), Fraction(float(hi))
+    # Fast path: the product step*i is exact in float64 (i < 2**29), and so is the sum whenever
+    # its error term (Knuth's TwoSum) is zero; then one float64->float32 rounding is correct.
+    idx = np.arange(steps, dtype=np.float64)
+    prod = np.where(idx < half, float(step) * idx, float(step) * (steps - 1 - idx))
+    base = np.where(idx < half, float(lo), float(hi))
+    sign = np.where(idx < half, 1.0, -1.0)
+    total = base + sign * prod
+    virtual = total - base
+    err = (base - (total - virtual)) + (sign * prod - virtual)
+    out[:] = total.astype(np.float32)
+    for i in np.flatnonzero(err != 0.0):
+        if i < half:
+            out[i] = _round_to_f32(exact_lo + exact_step * int(i))
+        else:
+            out[i] = _round_to_f32(exact_hi - exact_step * int(steps - 1 - i))
+    return out
+
+
+def cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarray:
+    """Betas of the "squaredcos_cap_v2" schedule (Nichol & Dhariwal 2021, eq. 17):
+    abar(t) = cos^2(((t + s) / (1 + s)) * pi / 2) with s = 0.008, and
+    beta_i = min(1 - abar((i + 1) / T) / abar(i / T), max_beta), computed in float64."""
+
+    def abar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [
+        min(1 - abar((i + 1) / num_train_timesteps) / abar(i / num_train_timesteps), max_beta)
+        for i in range(num_train_timesteps)
+    ]
+    return np.asarray(betas, dtype=np.float64).astype(np.float32)
+
+
+def make_betas(config: Mapping[str, Any]) -> np.ndarray:
+    """The float32 beta_1..beta_T of a resolved config."""
+    n = config["num_train_timesteps"]
+    if config["trained_betas"] is not None:
+        return np.asarray(config["trained_betas"], dtype=np.float64).astype(np.float32)
+    schedule = config["beta_schedule"]
+    if schedule == "linear":
+        return torch_linspace_f32(config["beta_start"], config["beta_end"], n)
+    if schedule == "scaled_linear":
+        # Latent-diffusion schedule: linear in sqrt(beta), then squared (in float32).
+        roots = torch_linspace_f32(config["beta_start"] ** 0.5, config["beta_end"] ** 0.5, n)
+        return roots * roots
+    return cosine_betas(n)
+
+
+def alphas_cumprod_from_betas(betas: np.ndarray) -> np.ndarray:
+    """abar_t = prod_{s<=t} (1 - beta_s) (DDPM, Ho et al. 2020, eq. 4), float32, each partial
+    product accumulated in float64 and rounded to float32 as torch.cumprod does on CPU."""
+    alphas = F32_ONE - betas.astype(np.float32)
+    return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+
+
+def exp_f32(x: np.float32) -> np.float32:
+    """float32 exp, correctly rounded in all but vanishingly rare cases (evaluated in float64)."""
+    try:
+        return np.float32(math.exp(float(x)))
+    except OverflowError:
+        return np.float32(np.inf)
+
+
+def log_f32(x: np.float32) -> np.float32:
+    """float32 log, correctly rounded in all but vanishingly rare cases; log(0) = -inf."""
+    value = float(x)
+    if value == 0.0:
+        return np.float32(-np.inf)
+    if not value > 0.0:
+        return np.float32(np.nan)
+    return np.float32(math.log(value))
+
+
+# --------------------------------------------------------------------------------------------
+# Array and timestep arguments
+# --------------------------------------------------------------------------------------------
+
+
+def as_f32(array: Any, name: str) -> np.ndarray:
+    """``array`` as a float32 numpy array (no copy when it already is one)."""
+    arr = np.asarray(array)
+    if arr.dtype.kind not in "fiu":
+        raise InputError(
+            f"scheduler argument '{name}' has dtype {arr.dtype}; expected a real floating array "
+            "(float32 preferred); pass the latent as a numpy array"
+        )
+    return arr.astype(np.float32, copy=False)
+
+
+def check_same_shape(a: np.ndarray, a_name: str, b: np.ndarray, b_name: str) -> None:
+    if a.shape != b.shape:
+        raise InputError(
+            f"scheduler argument '{a_name}' has shape {list(a.shape)} but '{b_name}' has shape "
+            f"{list(b.shape)}; expected the same shape; pass the tensors of one latent"
+        )
+
+
+def timestep_scalar(timestep: Any) -> np.generic:
+    """``timestep`` as a numpy scalar (int or float), or InputError."""
+    arr = np.asarray(timestep)
+    if arr.size != 1 or arr.dtype.kind not in "fiu":
+        raise InputError(
+            f"timestep {show(timestep)} is not a single number; expected one value of the "
+            "scheduler's timesteps; pass scheduler.timesteps[i]"
+        )
+    value = arr.reshape(()).item()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"timestep {value!r} is not finite; pass scheduler.timesteps[i]")
+    return arr.reshape(())[()]
+
+
+# --------------------------------------------------------------------------------------------
+# The interface
+# --------------------------------------------------------------------------------------------
+
+
+class Scheduler(ABC):
+    """A deterministic diffusion sampler over numpy float32 arrays.
+
+    Usage mirrors diffusers: ``set_timesteps(n)``, then for each ``t`` in ``timesteps``:
+    ``x_in = scale_model_input(x, t)``, run the model on ``x_in``, ``x = step(out, t, x)``.
+    The initial latent is ``noise * init_noise_sigma``.
+
+    Step position: every call that needs the position in the schedule (``step``,
+    ``scale_model_input``, ``predict_x0``, ``add_noise`` of the sigma-based schedulers) finds it
+    from the timestep's value in ``timesteps``. A scheduler also remembers the index it expects
+    next; that memory only decides between repeated timestep values, and :meth:`reset` forgets
+    it. So after a resolution switch one may ``reset()`` and carry on at any ``timesteps[i]``.
+    """
+
+    #: The name used by :func:`postdiff.runtime.schedulers.make_scheduler`.
+    name: ClassVar[str]
+    #: Config keys this scheduler uses, with the defaults of the diffusers class it mirrors.
+    DEFAULTS: ClassVar[Mapping[str, Any]]
+
+    timesteps: np.ndarray
+    init_noise_sigma: float
+    betas: np.ndarray
+    alphas_cumprod: np.ndarray
+    num_inference_steps: int | None
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        """Build the scheduler from a normalize_config()-style dict (missing keys: defaults)."""
+        self.config: dict[str, Any] = resolve_config(
+            {} if config is None else config, self.DEFAULTS, self.name
+        )
+        self.num_train_timesteps: int = self.config["num_train_timesteps"]
+        self.betas = make_betas(self.config)
+        self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
+        if not self.alphas_cumprod[-1] > 0.0:
+            source = (
+                "trained_betas" if self.config["trained_betas"] is not None
+                else f"{self.config['beta_schedule']} betas from {self.config['beta_start']} to "
+                f"{self.config['beta_end']}"
+            )
+            raise InputError(
+                f"scheduler config ({source}, {self.num_train_timesteps} training steps) drives "
+                f"abar to {show(self.alphas_cumprod[-1])} in float32; expected abar > 0 at every "
+                "training timestep; fix the betas"
+            )
+        self.num_inference_steps = None
+        self._next_index: int | None = None
+
+    # -- schedule ------------------------------------------------------------------------------
+
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Choose ``num_inference_steps`` timesteps (1..num_train_timesteps) and reset history."""
+        n = num_inference_steps
+        if isinstance(n, bool) or not isinstance(n, Integral) or not 1 <= int(n) <= self.num_train_timesteps:
+            raise InputError(
+                f"num_inference_steps is {show(n)}; expected an integer from 1 to "
+                f"{self.num_train_timesteps} (the model's num_train_timesteps); pass a step count "
+                "in that range"
+            )
+        timesteps = self._compute_timesteps(int(n))
+        if timesteps.size == 0 or timesteps.min() < 0 or timesteps.max() > self.num_train_timesteps - 1:
+            raise InputError(
+                f"num_inference_steps {n} with timestep_spacing '{self.config.get('timestep_spacing')}'"
+                f" and steps_offset {self.config['steps_offset']} gives timesteps outside "
+                f"[0, {self.num_train_timesteps - 1}]; expected a schedule inside the trained range; "
+                "use fewer steps or steps_offset 0"
+            )
+        self.timesteps = timesteps
+        self.reset()
+
+    @abstractmethod
+    def _compute_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        """Set ``num_inference_steps`` and any per-schedule state; return the timesteps."""
+
+    def reset(self) -> None:
+        """Forget multistep history and the remembered step position; keep the timesteps."""
+        self._next_index = None
+
+    def _require_timesteps(self, what: str) -> None:
+        if self.num_inference_steps is None:
+            raise InputError(
+                f"{self.name}.{what}() called before set_timesteps(); expected a schedule; "
+                "call set_timesteps(num_inference_steps) first"
+            )
+
+    def index_for_timestep(self, timestep: Any) -> int:
+        """Position of ``timestep`` in ``timesteps`` (see the class docstring)."""
+        value = timestep_scalar(timestep)
+        matches = np.flatnonzero(self.timesteps == value)
+        if matches.size == 0:
+            shown = np.array2string(self.timesteps, threshold=12, separator=", ")
+            raise InputError(
+                f"timestep {show(value)} is not one of this {self.name} scheduler's timesteps "
+                f"{shown}; expected a value taken from scheduler.timesteps; pass timesteps[i]"
+            )
+        if self._next_index is not None and self._next_index in matches:
+            return self._next_index
+        # A repeated value, no expectation: diffusers starts at the second occurrence.
+        return int(matches[1] if matches.size > 1 else matches[0])
+
+    # -- sampling ------------------------------------------------------------------------------
+
+    def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray:
+        """The model input for ``sample`` at ``timestep`` (identity unless overridden)."""
+        return as_f32(sample, "sample")
+
+    @abstractmethod
+    def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
+        """Advance ``sample`` from ``timestep`` to the next timestep; returns float32."""
+
+    @abstractmethod
+    def predict_x0(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
+        """The clean-sample estimate the step at ``timestep`` uses (float32)."""
+
+    @abstractmethod
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, timestep: Any) -> np.ndarray:
+        """Forward-noise ``x0`` to ``timestep``, in this scheduler's sample space (float32)."""
