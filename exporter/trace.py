@@ -84,9 +84,10 @@ def unet_plan(model: LoadedModel, variant: UNetVariant) -> GraphPlan:
 
 
 def half_precision(plan: GraphPlan) -> GraphPlan:
-    """``plan`` with its module and floating-point example inputs in fp16."""
+    """``plan`` with its module and floating-point example inputs in fp16 (the timestep stays
+    fp32: Euler's fractional timesteps would round in half precision)."""
     plan.module.half()
-    inputs = {k: v.half() if v.is_floating_point() else v for k, v in plan.inputs.items()}
+    inputs = {k: v.half() if v.is_floating_point() and k != names.TIMESTEP else v for k, v in plan.inputs.items()}
     return GraphPlan(plan.name, plan.role, plan.module, inputs, plan.outputs, plan.variant)
 
 

@@ -116,7 +116,7 @@ class ScheduleExecutor:
         batch = np.concatenate([x, x]) if variant.batch == 2 else x
         feed = {SAMPLE: scheduler.scale_model_input(batch, t).astype(spec.input(SAMPLE).dtype, copy=False),
                 TIMESTEP: np.full((variant.batch,), t, dtype=spec.input(TIMESTEP).dtype)}
-        if variant.xattn != "read":
+        if any(t.name == CONTEXT for t in spec.inputs):
             rows = context if variant.batch == 2 else context[1:]
             feed[CONTEXT] = rows.astype(spec.input(CONTEXT).dtype, copy=False)
         if variant.deep == "read":

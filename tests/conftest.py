@@ -27,3 +27,16 @@ def tiny_model():
     from postdiff.exporter.models import load_model
 
     return load_model("random:tiny-sd")
+
+
+PRESETS = ("baseline", "fewer-steps", "postdiff-sd15", "postdiff-beta34")
+
+
+@pytest.fixture(scope="session")
+def tiny_postdiff_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle of the tiny model with every UNet variant the shipped presets need."""
+    from postdiff.exporter.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-postdiff"
+    export_bundle(ExportOptions(source="random:tiny-sd", out=out, schedules=PRESETS), progress=False)
+    return out

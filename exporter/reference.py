@@ -1,0 +1,128 @@
+"""The torch reference executor: any schedule, run on the diffusers model in PyTorch.
+
+It is the yardstick for the runtime's :class:`~postdiff.runtime.executor.ScheduleExecutor` and what
+we time on a GPU. It shares only the schedule's meaning (``plan_steps``) and the seeded switch noise
+with the runtime; everything numeric is torch and diffusers: diffusers' schedulers (their own
+``add_noise`` and x̂0 formulas), ``torch.nn.functional.interpolate`` for the upsample, and the real
+UNet modules wrapped by :class:`~postdiff.exporter.layered_unet.LayeredUNet`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from postdiff.exporter.layered_unet import FEATURE, LayeredUNet, LayerPlan, xattn_tensor_name
+from postdiff.exporter.models import LoadedModel
+from postdiff.runtime import names
+from postdiff.runtime.executor import switch_noise
+from postdiff.runtime.schedule import Schedule, Variant, latent_size, plan_steps
+
+DIFFUSERS_SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler,
+                        "euler": EulerDiscreteScheduler}
+
+
+class ReferenceExecutor:
+    """Runs a schedule with torch modules; the same call signature as the runtime's pipeline."""
+
+    def __init__(self, model: LoadedModel, schedule: Schedule, latent: tuple[int, int]) -> None:
+        self.model = model
+        self.schedule = schedule
+        self.latent = latent
+        self._modules: dict[LayerPlan, LayeredUNet] = {}
+        self._feature: torch.Tensor | None = None
+        self._xattn: dict[str, torch.Tensor] = {}
+
+    def encode(self, prompt: str, negative_prompt: str, guidance: float) -> torch.Tensor:
+        """[negative; positive] hidden states, as diffusers' pipeline computes them."""
+        def hidden(text: str) -> torch.Tensor:
+            ids = self.model.tokenizer(text, padding="max_length", max_length=self.model.tokenizer.model_max_length,
+                                       truncation=True, return_tensors="pt").input_ids
+            return self.model.text_encoder(ids, return_dict=False)[0]
+
+        positive = hidden(prompt)
+        return torch.cat([hidden(negative_prompt) if guidance > 1.0 else positive, positive])
+
+    @torch.no_grad()
+    def run(self, scheduler_name: str, latents: np.ndarray, context: torch.Tensor, guidance: float,
+            seed: int) -> np.ndarray:
+        """Final latents for initial noise ``latents`` (numpy, at the first step's size)."""
+        scheduler = DIFFUSERS_SCHEDULERS[scheduler_name].from_config(self.model.scheduler_config)
+        scheduler.set_timesteps(len(self.schedule.steps))
+        self._feature, self._xattn = None, {}
+        x = torch.from_numpy(latents) * scheduler.init_noise_sigma
+        for plan, t in zip(plan_steps(self.schedule), scheduler.timesteps):
+            if plan.switch_from is not None:
+                eps = self._evaluate(plan.switch_from, scheduler, x, t, context, guidance)
+                x0 = _predict_x0(scheduler, eps, t, x)
+                size = self._size(plan.variant)
+                up = F.interpolate(x0, size=size, mode="bilinear", align_corners=False)
+                noise = torch.from_numpy(switch_noise(seed, plan.index, tuple(up.shape)))
+                x = scheduler.add_noise(up, noise, t.reshape(1))
+                _reset_history(scheduler)
+                self._feature = None
+            eps = self._evaluate(plan.variant, scheduler, x, t, context, guidance)
+            x = scheduler.step(eps, t, x, return_dict=False)[0]
+        return x.numpy()
+
+    def _size(self, variant: Variant) -> tuple[int, int]:
+        return latent_size(self.latent, variant.scale, self.model.downsample_factor)
+
+    def _module(self, variant: Variant) -> LayeredUNet:
+        plan = LayerPlan(deep=variant.deep, branch=variant.branch, xattn=variant.xattn)
+        if plan not in self._modules:
+            self._modules[plan] = LayeredUNet(self.model.unet, plan)
+        return self._modules[plan]
+
+    def _evaluate(self, variant: Variant, scheduler, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                  guidance: float) -> torch.Tensor:
+        module = self._module(variant)
+        batch = torch.cat([x, x]) if variant.batch == 2 else x
+        values = {
+            names.SAMPLE: scheduler.scale_model_input(batch, t),
+            names.TIMESTEP: t.to(torch.float32).expand(variant.batch),
+            names.CONTEXT: context if variant.batch == 2 else context[1:],
+            FEATURE: self._feature,
+        }
+        values.update(self._xattn)
+        outputs = dict(zip(module.output_names, module(*(values[n] for n in module.input_names))))
+        if variant.deep == "write":
+            self._feature = outputs[FEATURE]
+        if variant.xattn == "write":
+            self._xattn = {}
+            for name in module.xattn_names:
+                value = outputs[xattn_tensor_name(name)]
+                if value.shape[0] == 2:
+                    value = (value[:1] + value[1:]) / 2 if self.schedule.xattn_mode == "ave" else value[1:]
+                self._xattn[xattn_tensor_name(name)] = value
+        eps = outputs[names.NOISE_PRED]
+        if variant.batch == 1:
+            return eps
+        uncond, cond = eps.chunk(2)
+        return uncond + guidance * (cond - uncond)
+
+
+def _predict_x0(scheduler, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """diffusers' own x̂0 for the sample ``x`` at ``t`` (without advancing the scheduler)."""
+    if isinstance(scheduler, DDIMScheduler):
+        return scheduler.step(eps, t, x, return_dict=True).pred_original_sample  # stateless
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        if scheduler.step_index is None:
+            scheduler._init_step_index(t)
+        return scheduler.convert_model_output(eps, sample=x)
+    if scheduler.step_index is None:
+        scheduler._init_step_index(t)
+    sigma = scheduler.sigmas[scheduler.step_index]
+    if scheduler.config.prediction_type == "epsilon":
+        return x - sigma * eps
+    # v-prediction in sigma space: x0 = -sigma/(sigma^2+1)^0.5 * v + x/(sigma^2+1)
+    return eps * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+
+
+def _reset_history(scheduler) -> None:
+    """Forget multistep history so the next step is first order (DPM-Solver++), keep the position."""
+    if isinstance(scheduler, DPMSolverMultistepScheduler):
+        scheduler.model_outputs = [None] * scheduler.config.solver_order
+        scheduler.lower_order_nums = 0
