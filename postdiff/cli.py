@@ -77,6 +77,32 @@ def _load_latents(path: Path):  # -> np.ndarray
         raise InputError(f"--latents {path} is not a readable .npy array ({exc})") from None
 
 
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    """Build a denoising schedule from PostDiff's knobs (or a preset), validate it, write it as JSON."""
+    from postdiff.runtime.explain import format_table
+    from postdiff.runtime.jsonio import write_json_atomic
+    from postdiff.runtime.manifest import load_manifest
+    from postdiff.runtime.schedule_builder import build_schedule, knobs_from_flags
+
+    if args.out is None and not args.explain:
+        raise InputError("nothing to do: give --out SCHEDULE.json to write the schedule, and/or --explain")
+    out = Path(args.out) if args.out else None
+    if out is not None and not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    knobs, name, description = knobs_from_flags(
+        preset=args.preset, steps=args.steps, low_res=args.low_res, deepcache_interval=args.deepcache_interval,
+        deepcache_branch=args.deepcache_branch, deepcache_nonuniform=args.deepcache_nonuniform,
+        xattn_gate=args.xattn_gate, xattn_mode=args.xattn_mode)
+    schedule = build_schedule(knobs, args.name or name, description)
+    manifest = load_manifest(Path(args.bundle), verify=False) if args.bundle else None
+    if args.explain:
+        print(format_table(schedule, manifest))
+    if out is not None:
+        write_json_atomic(out, schedule)
+        print(f"wrote {out}")
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Export a model and generate a small set of images with it, end to end."""
     from postdiff.tools.demo import DemoOptions, run_demo
@@ -128,6 +154,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(handler=_cmd_generate)
+
+    sched = sub.add_parser("schedule", help=_cmd_schedule.__doc__, description=_cmd_schedule.__doc__)
+    sched.add_argument("--preset", help="start from a preset (baseline, fewer-steps, postdiff-sd15, postdiff-beta34); "
+                                        "the other flags override its knobs")
+    sched.add_argument("--steps", type=int, help="total denoising steps (default 20)")
+    sched.add_argument("--low-res", nargs="+", metavar="SCALE:STEPS",
+                       help="low-resolution stages before full resolution, e.g. 0.5:10 or 0.5:6 0.75:4")
+    sched.add_argument("--deepcache-interval", type=int, metavar="K", help="refresh the DeepCache feature every K "
+                                                                             "steps (1 = off)")
+    sched.add_argument("--deepcache-branch", type=int, metavar="B", help="DeepCache branch (0 = shallowest)")
+    sched.add_argument("--deepcache-nonuniform", metavar="C,P",
+                       help="non-uniform refreshes packed around centre step C with power P, e.g. 10,1.4")
+    sched.add_argument("--xattn-gate", type=int, metavar="M", help="capture cross-attention at step M; guidance "
+                                                                    "off and cached maps after it")
+    sched.add_argument("--xattn-mode", choices=["cond", "ave"], help="keep the conditional maps (PostDiff) or "
+                                                                      "their mean with the unconditional (T-GATE)")
+    sched.add_argument("--name", help="schedule name (default: the preset's, or 'custom')")
+    sched.add_argument("--out", metavar="SCHEDULE.json", help="file to write")
+    sched.add_argument("--explain", action="store_true", help="print the per-step table and predicted speed-up")
+    sched.add_argument("--bundle", help="bundle exported with this schedule, for the MAC counts in --explain")
+    sched.set_defaults(handler=_cmd_schedule)
 
     demo = sub.add_parser("demo", help=_cmd_demo.__doc__, description=_cmd_demo.__doc__)
     demo.add_argument("--model", default="random:tiny-sd", help="model to demo (default: random:tiny-sd)")

@@ -21,6 +21,7 @@ from postdiff.runtime.names import (CONTEXT, HIDDEN_STATES, IMAGE, INPUT_IDS, LA
                                     TEXT_ENCODER, TIMESTEP, VAE_DECODER)
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.ort import OrtRunner
+from postdiff.runtime.runners.weights import WeightPool
 from postdiff.runtime.schedule import Schedule
 from postdiff.runtime.schedulers import make_scheduler
 from postdiff.runtime.tokenizer import PromptTokenizer
@@ -57,18 +58,36 @@ class Generation:
 class Pipeline:
     """Loads a bundle's graphs once and generates images from prompts."""
 
-    def __init__(self, bundle: Path, provider: str = "cpu", verify: bool = True) -> None:
+    def __init__(self, bundle: Path, provider: str = "cpu", verify: bool = True,
+                 shared_weights: bool | None = None) -> None:
+        """Load a bundle.
+
+        Args:
+            verify: check every file's sha256 first.
+            shared_weights: give all UNet sessions one in-memory copy of the weights (default: when
+                the bundle has more than one UNet graph).
+        """
         self.bundle = Path(bundle)
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         self.provider = provider
         self.tokenizer = PromptTokenizer(self.manifest.tokenizer, self.bundle)
+        unets = sum(1 for g in self.manifest.graphs.values() if g.variant is not None)
+        share = unets > 1 if shared_weights is None else shared_weights
+        self._pool = WeightPool(self.bundle, self.manifest) if share else None
         self._runners: dict[str, Runner] = {}
 
     def runner(self, name: str) -> Runner:
         """The runner of graph ``name``, created on first use."""
         if name not in self._runners:
-            self._runners[name] = OrtRunner(self.manifest.graph(name), self.bundle, self.provider)
+            spec = self.manifest.graph(name)
+            shared = self._pool.initializers(spec) if self._pool is not None else None
+            self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared)
         return self._runners[name]
+
+    def load_all(self) -> None:
+        """Open a session for every graph now (benchmarks exclude this from their timings)."""
+        for name in sorted(self.manifest.graphs):
+            self.runner(name)
 
     @property
     def plain_unet(self) -> str:

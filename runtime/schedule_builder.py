@@ -10,7 +10,8 @@ would be stale or a capture needs the deep layers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from fractions import Fraction
 
 import numpy as np
 
@@ -110,3 +111,53 @@ def _check_knobs(knobs: ScheduleKnobs) -> None:
                             "so that at least one step reuses the captured maps")
     if knobs.xattn_mode not in XATTN_MODES:
         raise ScheduleError(f"--xattn-mode '{knobs.xattn_mode}' is not one of {list(XATTN_MODES)}")
+
+
+def knobs_from_flags(preset: str | None = None, steps: int | None = None, low_res: list[str] | None = None,
+                     deepcache_interval: int | None = None, deepcache_branch: int | None = None,
+                     deepcache_nonuniform: str | None = None, xattn_gate: int | None = None,
+                     xattn_mode: str | None = None) -> tuple[ScheduleKnobs, str, str]:
+    """Knobs from `postdiff schedule` flags, starting from ``preset``'s when given.
+
+    Returns:
+        (knobs, name, description); the name and description are the preset's, or "custom".
+    """
+    from postdiff.profiles.presets import PRESETS  # data, imported lazily
+
+    if preset is not None and preset not in PRESETS:
+        raise ScheduleError(f"--preset '{preset}' is unknown; presets: {', '.join(sorted(PRESETS))}")
+    knobs, description = PRESETS[preset] if preset else (ScheduleKnobs(), "")
+    changes: dict[str, object] = {}
+    if steps is not None:
+        changes["steps"] = steps
+    if low_res is not None:
+        changes["low_res"] = tuple(_parse_stage(text) for text in low_res)
+    if deepcache_interval is not None:
+        changes["deepcache_interval"] = deepcache_interval
+    if deepcache_branch is not None:
+        changes["deepcache_branch"] = deepcache_branch
+    if deepcache_nonuniform is not None:
+        changes["deepcache_nonuniform"] = _parse_pair(deepcache_nonuniform)
+    if xattn_gate is not None:
+        changes["xattn_gate"] = xattn_gate
+    if xattn_mode is not None:
+        changes["xattn_mode"] = xattn_mode
+    if changes:
+        description = f"{preset} with {', '.join(f'{k}={v}' for k, v in changes.items())}" if preset else ""
+    return replace(knobs, **changes), (preset if preset and not changes else "custom"), description
+
+
+def _parse_stage(text: str) -> tuple[float, int]:
+    try:
+        scale, count = text.split(":")
+        return float(Fraction(scale)), int(count)
+    except ValueError:
+        raise ScheduleError(f"--low-res '{text}' is not SCALE:STEPS, e.g. 0.5:10 or 3/4:4") from None
+
+
+def _parse_pair(text: str) -> tuple[int, float]:
+    try:
+        centre, power = text.split(",")
+        return int(centre), float(power)
+    except ValueError:
+        raise ScheduleError(f"--deepcache-nonuniform '{text}' is not C,P (centre step, power), e.g. 10,1.4") from None

@@ -41,9 +41,22 @@ class OrtRunner(Runner):
     """Runs one bundle graph in an ONNX Runtime session."""
 
     def __init__(self, spec: GraphSpec, bundle: Path, provider: str = "cpu",
-                 options: ort.SessionOptions | None = None) -> None:
+                 shared: Mapping[str, ort.OrtValue] | None = None) -> None:
+        """Open a session for ``spec``.
+
+        Args:
+            shared: initializer values to use instead of reading the graph's external weights
+                (see :class:`~postdiff.runtime.runners.weights.WeightPool`); prepacking is then
+                disabled so the session keeps no private copy of them.
+        """
         super().__init__(spec)
         path = Path(bundle) / spec.file
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if shared:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+            for name, value in shared.items():
+                options.add_initializer(name, value)
         try:
             self.session = ort.InferenceSession(
                 str(path), sess_options=options, providers=execution_providers(provider)
