@@ -103,6 +103,20 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Time schedules through the runtime (same machine, same invocation) and compare them."""
+    from postdiff.runtime.jsonio import write_json_atomic
+    from postdiff.tools.bench import bench, format_results, parse_run
+
+    runs = [parse_run(text) for text in args.run]
+    shared = {"auto": None, "shared": True, "per-session": False}[args.weights]
+    report = bench(runs, scheduler=args.scheduler, seed=args.seed, shared_weights=shared)
+    print(format_results(report))
+    if args.json:
+        write_json_atomic(Path(args.json), report)
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Export a model and generate a small set of images with it, end to end."""
     from postdiff.tools.demo import DemoOptions, run_demo
@@ -175,6 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--explain", action="store_true", help="print the per-step table and predicted speed-up")
     sched.add_argument("--bundle", help="bundle exported with this schedule, for the MAC counts in --explain")
     sched.set_defaults(handler=_cmd_schedule)
+
+    bench = sub.add_parser("bench", help=_cmd_bench.__doc__, description=_cmd_bench.__doc__)
+    bench.add_argument("--run", action="append", required=True, metavar="BUNDLE:SCHEDULE",
+                       help="a bundle and a schedule (preset or file) to time; repeat; the first is the reference")
+    bench.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp-2m", "euler"])
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--weights", default="auto", choices=["auto", "shared", "per-session"],
+                       help="UNet weights: one shared copy (prepacking off) or per session (default: shared when "
+                            "a bundle has several UNet graphs)")
+    bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    bench.set_defaults(handler=_cmd_bench)
 
     demo = sub.add_parser("demo", help=_cmd_demo.__doc__, description=_cmd_demo.__doc__)
     demo.add_argument("--model", default="random:tiny-sd", help="model to demo (default: random:tiny-sd)")
