@@ -115,7 +115,7 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
                       "diffusers": diffusers.__version__, "onnx": onnx.__version__, "onnx_opset": str(OPSET)},
             model=ModelInfo(source=_source_id(options.source), latent_channels=model.unet.config.in_channels,
                             vae_scale_factor=model.vae_scale_factor, downsample_factor=model.downsample_factor,
-                            height=height, width=width),
+                            height=height, width=width, default_guidance=model.default_guidance),
             graphs=graphs,
             tokenizer=_write_tokenizer(model, stage),
             scheduler=normalize_config(model.scheduler_config),
@@ -158,9 +158,11 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
 
 
 def _write_tokenizer(model: LoadedModel, stage: Path) -> TokenizerSpec:
+    if model.labels:  # label prompts need no file: the manifest lists them
+        return TokenizerSpec(kind="labels", max_length=1, labels=model.labels)
     path = stage / TOKENIZER_FILE
     model.tokenizer.backend_tokenizer.save(str(path))
-    return TokenizerSpec(file=TOKENIZER_FILE, sha256=sha256_file(path),
+    return TokenizerSpec(kind="bpe", file=TOKENIZER_FILE, sha256=sha256_file(path),
                          max_length=int(model.tokenizer.model_max_length), pad_id=int(model.tokenizer.pad_token_id))
 
 

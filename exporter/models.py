@@ -19,6 +19,10 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from postdiff.runtime.errors import ModelSourceError
 
 SD_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
+# A label-conditioned pixel-space model (the embedded `digits`): no VAE, no text encoder; a table of
+# label embeddings feeds the UNet's cross-attention.
+LABEL_SUBFOLDERS = ("unet", "scheduler", "label_encoder")
+BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
 # The scheduler configuration Stable Diffusion 1.x ships with (PNDM, "leading" spacing).
 SD1_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -35,21 +39,39 @@ SD1_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
+class LabelEncoder(torch.nn.Module):
+    """Label id -> its rows of the embedding table: ids (1, 1) int64 -> (1, L, D)."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(table, requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids[:, 0]]
+
+
 @dataclass
 class LoadedModel:
-    """The torch parts of a Stable-Diffusion-style pipeline, in eval mode, fp32."""
+    """The torch parts of a diffusion pipeline, in eval mode, fp32.
+
+    Text-conditioned models (SD 1.x/2.x) have a CLIP ``tokenizer`` and ``text_encoder`` and a
+    ``vae``; label-conditioned pixel-space models (``digits``) have ``labels`` and a
+    :class:`LabelEncoder`, and no VAE (their samples are the images).
+    """
 
     source: str
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer | None
+    text_encoder: torch.nn.Module
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None
     scheduler_config: dict[str, Any]
+    labels: tuple[str, ...] = ()  # label prompts by id; the null label (unconditional) is id len(labels)
+    default_guidance: float = 7.5
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixels per latent cell along one side."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        """Pixels per latent cell along one side (1 in pixel space)."""
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def downsample_factor(self) -> int:
@@ -62,8 +84,38 @@ class LoadedModel:
         side = self.unet.config.sample_size * self.vae_scale_factor
         return side, side
 
+    @property
+    def id_length(self) -> int:
+        """Length of the token-id row the text encoder takes."""
+        return 1 if self.labels else int(self.tokenizer.model_max_length)
 
-BUILTIN_SPECS = ("random:tiny-sd", "random:sd15")
+    @property
+    def context_length(self) -> int:
+        """Length L' of the conditioning sequence the UNet cross-attends to."""
+        return int(self.text_encoder.table.shape[1]) if self.labels else int(self.tokenizer.model_max_length)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of distinct ids the text encoder accepts."""
+        return len(self.labels) + 1 if self.labels else int(self.text_encoder.config.vocab_size)
+
+    def token_ids(self, prompt: str) -> torch.Tensor:
+        """The id row (1, L) the text encoder graph takes for ``prompt`` (as the runtime makes it)."""
+        if self.labels:
+            from postdiff.runtime.tokenizer import label_id
+
+            return torch.tensor([[label_id(prompt, self.labels)]], dtype=torch.int64)
+        return self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Conditioning states (1, L', D) for an id row."""
+        if self.labels:
+            return self.text_encoder(ids)
+        return self.text_encoder(ids, return_dict=False)[0]
+
+
+BUILTIN_SPECS = ("digits", "random:tiny-sd", "random:sd15")
 
 
 def load_model(source: str) -> LoadedModel:
@@ -72,6 +124,8 @@ def load_model(source: str) -> LoadedModel:
     Raises:
         ModelSourceError: unknown spec, or a folder that is not a readable SD 1.x/2.x pipeline.
     """
+    if source == "digits":
+        return _load_label_folder(BUILTIN_DIR / "digits", "digits")
     if source == "random:tiny-sd":
         return _random_tiny_sd()
     if source == "random:sd15":
@@ -87,6 +141,8 @@ def _load_folder(folder: Path) -> LoadedModel:
             f"model folder {folder} does not exist; pass a local diffusers folder "
             f"(with {', '.join(SD_SUBFOLDERS)}) or one of {list(BUILTIN_SPECS)}"
         )
+    if all((folder / name).is_dir() for name in LABEL_SUBFOLDERS):
+        return _load_label_folder(folder, str(folder))
     missing = [name for name in SD_SUBFOLDERS if not (folder / name).is_dir()]
     if missing:
         raise ModelSourceError(
@@ -112,10 +168,40 @@ def _load_folder(folder: Path) -> LoadedModel:
     return _finish(str(folder), tokenizer, text_encoder, unet, vae, scheduler_config)
 
 
-def _finish(source: str, tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
-            vae: AutoencoderKL, scheduler_config: dict[str, Any]) -> LoadedModel:
+def _load_label_folder(folder: Path, source: str) -> LoadedModel:
+    """A label-conditioned pixel-space model: unet/, scheduler/, label_encoder/ (config.json +
+    safetensors table of shape (labels + 1, L, D), the last row the null label)."""
+    from safetensors.torch import load_file
+
+    if not folder.is_dir():
+        raise ModelSourceError(f"model folder {folder} does not exist; the built-in `digits` model ships with "
+                               "postdiff's source tree: reinstall it, or train it with tools/train_digits.py")
+    part = "label_encoder"
+    try:
+        config = json.loads((folder / "label_encoder" / "config.json").read_text())
+        table = load_file(str(folder / "label_encoder" / config["file"]))[config["tensor"]]
+        part = "scheduler"
+        scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        part = "unet"
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+    except Exception as exc:  # safetensors/diffusers raise many unrelated types
+        raise ModelSourceError(f"{folder / part} could not be loaded ({type(exc).__name__}: {exc}); check that "
+                               "the folder is a complete label-conditioned model") from None
+    labels = tuple(config["labels"][: config["null_label"]])
+    if config["null_label"] != len(labels) or table.shape[0] != len(labels) + 1:
+        raise ModelSourceError(f"{folder / 'label_encoder'}: the null label must be the last of "
+                               f"{table.shape[0]} rows (got null_label {config['null_label']})")
+    model = _finish(source, None, LabelEncoder(table.float()), unet, None, scheduler_config)
+    model.labels = labels
+    model.default_guidance = float(config.get("default_guidance", 3.0))
+    return model
+
+
+def _finish(source: str, tokenizer: CLIPTokenizer | None, text_encoder: torch.nn.Module,
+            unet: UNet2DConditionModel, vae: AutoencoderKL | None, scheduler_config: dict[str, Any]) -> LoadedModel:
     for module in (text_encoder, unet, vae):
-        module.float().eval().requires_grad_(False)
+        if module is not None:
+            module.float().eval().requires_grad_(False)
     return LoadedModel(source, tokenizer, text_encoder, unet, vae, dict(scheduler_config))
 
 

@@ -38,9 +38,7 @@ class ReferenceExecutor:
     def encode(self, prompt: str, negative_prompt: str, guidance: float) -> torch.Tensor:
         """[negative; positive] hidden states, as diffusers' pipeline computes them."""
         def hidden(text: str) -> torch.Tensor:
-            ids = self.model.tokenizer(text, padding="max_length", max_length=self.model.tokenizer.model_max_length,
-                                       truncation=True, return_tensors="pt").input_ids
-            return self.model.text_encoder(ids, return_dict=False)[0]
+            return self.model.encode_ids(self.model.token_ids(text))
 
         positive = hidden(prompt)
         return torch.cat([hidden(negative_prompt) if guidance > 1.0 else positive, positive])

@@ -23,14 +23,15 @@ OPSET = 17
 
 
 class TextEncoderGraph(torch.nn.Module):
-    """input_ids (1, L) int64 -> last_hidden_state (1, L, D)."""
+    """input_ids (1, L) int64 -> last_hidden_state (1, L', D) (CLIP text or a label table)."""
 
     def __init__(self, model: LoadedModel) -> None:
         super().__init__()
         self.text_encoder = model.text_encoder
+        self._encode = model.encode_ids
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids, return_dict=False)[0]
+        return self._encode(input_ids)
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -57,18 +58,18 @@ class GraphPlan:
 
 
 def text_and_decoder_plans(model: LoadedModel, height: int, width: int) -> list[GraphPlan]:
-    """The text encoder and VAE decoder graphs at one image size, with seeded example inputs."""
+    """The text encoder and (latent models only) the VAE decoder graphs at one image size, with
+    seeded example inputs."""
     generator = torch.Generator().manual_seed(0)
-    max_length = model.tokenizer.model_max_length
-    latent_h, latent_w = height // model.vae_scale_factor, width // model.vae_scale_factor
-    ids = torch.randint(0, model.text_encoder.config.vocab_size, (1, max_length), generator=generator)
-    latents = torch.randn(1, model.vae.config.latent_channels, latent_h, latent_w, generator=generator)
-    return [
-        GraphPlan(names.TEXT_ENCODER, names.TEXT_ENCODER, TextEncoderGraph(model), {names.INPUT_IDS: ids},
-                  (names.HIDDEN_STATES,)),
-        GraphPlan(names.VAE_DECODER, names.VAE_DECODER, VaeDecoderGraph(model), {names.LATENTS: latents},
-                  (names.IMAGE,)),
-    ]
+    ids = torch.randint(0, model.vocab_size, (1, model.id_length), generator=generator)
+    plans = [GraphPlan(names.TEXT_ENCODER, names.TEXT_ENCODER, TextEncoderGraph(model), {names.INPUT_IDS: ids},
+                       (names.HIDDEN_STATES,))]
+    if model.vae is not None:
+        latent_h, latent_w = height // model.vae_scale_factor, width // model.vae_scale_factor
+        latents = torch.randn(1, model.vae.config.latent_channels, latent_h, latent_w, generator=generator)
+        plans.append(GraphPlan(names.VAE_DECODER, names.VAE_DECODER, VaeDecoderGraph(model),
+                               {names.LATENTS: latents}, (names.IMAGE,)))
+    return plans
 
 
 def unet_plan(model: LoadedModel, variant: UNetVariant) -> GraphPlan:
@@ -76,7 +77,7 @@ def unet_plan(model: LoadedModel, variant: UNetVariant) -> GraphPlan:
     module = LayeredUNet(model.unet, LayerPlan(deep=variant.deep, branch=variant.branch, xattn=variant.xattn))
     generator = torch.Generator().manual_seed(0)
     example = module.example_inputs(variant.batch, variant.latent[0], variant.latent[1],
-                                    model.tokenizer.model_max_length, generator)
+                                    model.context_length, generator)
     inputs = dict(zip(module.input_names, example))
     inputs[names.TIMESTEP] = torch.full((variant.batch,), 500.0, dtype=inputs[names.TIMESTEP].dtype)
     name = names.unet_graph_name(variant.latent, variant.batch, variant.deep, variant.branch, variant.xattn)

@@ -51,13 +51,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     if schedule is not None and args.steps is not None and args.steps != len(schedule.steps):
         raise InputError(f"--steps {args.steps} contradicts schedule '{schedule.name}', which has "
                          f"{len(schedule.steps)} steps; drop --steps (the schedule fixes them)")
-    options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                              steps=len(schedule.steps) if schedule else (20 if args.steps is None else args.steps),
-                              guidance=args.guidance,
-                              scheduler=args.scheduler)
-    options.validate()
+    steps = len(schedule.steps) if schedule else (20 if args.steps is None else args.steps)
+    GenerateOptions(prompt=args.prompt, steps=steps).validate()
     latents = _load_latents(Path(args.latents)) if args.latents else None
     pipeline = Pipeline(Path(args.bundle), provider=args.provider)
+    guidance = pipeline.manifest.model.default_guidance if args.guidance is None else args.guidance
+    options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
+                              steps=steps, guidance=guidance, scheduler=args.scheduler)
+    options.validate()
     started = time.perf_counter()
     result = pipeline.generate(options, latents=latents, progress=not args.quiet, schedule=schedule)
     elapsed = time.perf_counter() - started
@@ -137,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help=_cmd_export.__doc__, description=_cmd_export.__doc__)
     export.add_argument("model", help="local diffusers folder (SD 1.x/2.x layout) or a built-in spec: "
-                                      "random:tiny-sd, random:sd15")
+                                      "digits (the embedded MNIST model), random:tiny-sd, random:sd15")
     export.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
     export.add_argument("--resolution", metavar="HxW", help="image size in pixels (default: the model's)")
     export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="graph precision")
@@ -156,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--schedule", metavar="SCHEDULE",
                      help="schedule file or preset to execute (e.g. postdiff-sd15); the bundle must have been "
                           "exported with it")
-    gen.add_argument("--guidance", type=float, default=7.5,
-                     help="classifier-free guidance scale; <= 1 turns guidance off (default: 7.5)")
+    gen.add_argument("--guidance", type=float,
+                     help="classifier-free guidance scale; <= 1 turns guidance off (default: the model's, "
+                          "7.5 for Stable Diffusion)")
     gen.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp-2m", "euler"],
                      help="sampler (default: ddim)")
     gen.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],

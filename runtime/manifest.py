@@ -95,12 +95,19 @@ class UNetVariant:
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    """A tokenizers-library JSON file plus the padding rule the text encoder was trained with."""
+    """How prompts become the text encoder's id row.
 
-    file: str
-    sha256: str
+    ``bpe``: a tokenizers-library JSON ``file``, padded/truncated to ``max_length`` with ``pad_id``.
+    ``labels``: the prompt names one of ``labels`` (optionally as "digit N"); id = its index, and the
+    empty prompt is the null label (id ``len(labels)``) used for guidance.
+    """
+
+    kind: str
     max_length: int
-    pad_id: int
+    file: str = ""
+    sha256: str = ""
+    pad_id: int = 0
+    labels: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,7 @@ class ModelInfo:
     downsample_factor: int  # latent H and W must be multiples of this
     height: int  # image pixels
     width: int
+    default_guidance: float = 7.5
 
     @property
     def latent(self) -> tuple[int, int]:
@@ -204,7 +212,8 @@ def load_manifest(bundle: Path, verify: bool = True) -> Manifest:
 def bundle_files(manifest: Manifest) -> dict[str, str]:
     """Every file the manifest names, mapped to its expected sha256."""
     files = {spec.file: spec.sha256 for spec in manifest.graphs.values()}
-    files[manifest.tokenizer.file] = manifest.tokenizer.sha256
+    if manifest.tokenizer.file:
+        files[manifest.tokenizer.file] = manifest.tokenizer.sha256
     files[manifest.weights.file] = manifest.weights.sha256
     return files
 

@@ -150,7 +150,10 @@ class Pipeline:
         return latents
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        """VAE-decode latents (1, C, h, w) to uint8 images (1, H, W, 3)."""
+        """VAE-decode latents (1, C, h, w) to uint8 images (1, H, W, 3); pixel-space models (no
+        decoder graph) are their own images (1, H, W, C)."""
+        if VAE_DECODER not in self.manifest.graphs:
+            return to_uint8(latents)
         decoder = self.runner(VAE_DECODER)
         latents = latents.astype(decoder.spec.input(LATENTS).dtype, copy=False)
         return to_uint8(decoder.infer({LATENTS: latents})[IMAGE].astype(np.float32, copy=False))

@@ -1,13 +1,18 @@
-"""Prompt tokenizer: a tokenizers-library JSON file, padded and truncated as the encoder expects."""
+"""Prompt tokenizers: prompts to the id row the text encoder graph takes.
+
+Two kinds, named by the manifest: CLIP-style BPE from a tokenizers-library JSON file, padded and
+truncated as the encoder expects; and label prompts for class-conditional models (``digits``).
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from postdiff.runtime.errors import BundleError
+from postdiff.runtime.errors import BundleError, InputError
 from postdiff.runtime.manifest import TokenizerSpec
 
 
@@ -15,16 +20,36 @@ class PromptTokenizer:
     """Turns a prompt into the fixed-length id row the text encoder graph takes."""
 
     def __init__(self, spec: TokenizerSpec, bundle: Path) -> None:
-        path = Path(bundle) / spec.file
-        try:
-            self._tokenizer = Tokenizer.from_file(str(path))
-        except Exception as exc:  # the tokenizers library raises plain Exceptions
-            raise BundleError(f"{path} is not a readable tokenizer file ({exc}); re-export the bundle") from None
-        self._tokenizer.enable_truncation(spec.max_length)
-        self._tokenizer.enable_padding(length=spec.max_length, pad_id=spec.pad_id)
-        self.max_length = spec.max_length
+        self.spec = spec
+        self._tokenizer: Tokenizer | None = None
+        if spec.kind == "bpe":
+            path = Path(bundle) / spec.file
+            try:
+                self._tokenizer = Tokenizer.from_file(str(path))
+            except Exception as exc:  # the tokenizers library raises plain Exceptions
+                raise BundleError(f"{path} is not a readable tokenizer file ({exc}); re-export the bundle") from None
+            self._tokenizer.enable_truncation(spec.max_length)
+            self._tokenizer.enable_padding(length=spec.max_length, pad_id=spec.pad_id)
+        elif spec.kind != "labels":
+            raise BundleError(f"tokenizer kind '{spec.kind}' is unknown (expected bpe or labels); re-export the bundle")
 
     def encode(self, text: str, dtype: str = "int64") -> np.ndarray:
-        """Token ids of ``text`` with start/end tokens, padded to ``max_length``: shape (1, L)."""
-        ids = self._tokenizer.encode(text).ids
-        return np.asarray([ids], dtype=dtype)
+        """Id row of ``text``: shape (1, max_length)."""
+        if self._tokenizer is None:
+            return np.asarray([[label_id(text, self.spec.labels)]], dtype=dtype)
+        return np.asarray([self._tokenizer.encode(text).ids], dtype=dtype)
+
+
+def label_id(prompt: str, labels: tuple[str, ...]) -> int:
+    """Id of a label prompt: ``"7"`` or ``"digit 7"`` -> 7; ``""`` -> the null label ``len(labels)``.
+
+    Raises:
+        InputError: anything else, listing the valid prompts.
+    """
+    text = re.sub(r"^(digit|class|label)\s+", "", prompt.strip().lower())
+    if text == "":
+        return len(labels)
+    if text in labels:
+        return labels.index(text)
+    raise InputError(f"prompt {prompt!r} is not a label of this model; valid prompts: "
+                     f"{', '.join(labels)} (optionally as 'digit N'), or empty for the unconditional sample")
