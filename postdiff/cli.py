@@ -119,7 +119,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Export a model and generate a small set of images with it, end to end."""
+    """Fewer steps or cheaper steps? Export a model, run baseline / fewer-steps / postdiff on the same
+    seeds, and report latency, speed-up, MACs and fidelity (writes grid.png and results.json)."""
     from postdiff.tools.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(model=args.model, out=Path(args.out), samples=args.samples), progress=not args.quiet)
@@ -204,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_cmd_bench)
 
     demo = sub.add_parser("demo", help=_cmd_demo.__doc__, description=_cmd_demo.__doc__)
-    demo.add_argument("--model", default="random:tiny-sd", help="model to demo (default: random:tiny-sd)")
-    demo.add_argument("--samples", type=int, default=4, help="images per scheduler (default: 4)")
+    demo.add_argument("--model", default="digits",
+                      help="model to demo: digits (default, the embedded MNIST model), random:tiny-sd, "
+                           "random:sd15 or a diffusers folder")
+    demo.add_argument("--samples", type=int, default=100, help="samples per schedule (default: 100)")
     demo.add_argument("--out", default="postdiff-demo", help="output folder (default: postdiff-demo/)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
