@@ -11,6 +11,7 @@ same seeds and prompts, and reports latency, speed-up, MACs and fidelity. Writes
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -95,6 +96,12 @@ def _ensure_bundle(options: DemoOptions, progress: bool) -> Path:
                          f"not '{options.model}' for {list(presets)}; use another --out or delete it")
     from postdiff.exporter.export import ExportOptions, export_bundle  # needs torch: only when exporting
 
+    created = not options.out.exists()
     options.out.mkdir(parents=True, exist_ok=True)
-    export_bundle(ExportOptions(source=options.model, out=bundle, schedules=presets), progress=progress)
+    try:
+        export_bundle(ExportOptions(source=options.model, out=bundle, schedules=presets), progress=progress)
+    except BaseException:
+        if created:  # leave nothing behind for a run that produced nothing
+            shutil.rmtree(options.out, ignore_errors=True)
+        raise
     return bundle

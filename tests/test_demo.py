@@ -1,0 +1,59 @@
+"""The embedded `digits` model and `postdiff demo`, end to end in a reduced mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from postdiff.cli import main
+from postdiff.runtime.errors import InputError
+from postdiff.runtime.tokenizer import label_id
+
+LABELS = tuple(str(i) for i in range(10))
+
+
+def test_label_prompts() -> None:
+    assert label_id("7", LABELS) == 7
+    assert label_id("  Digit 3 ", LABELS) == 3
+    assert label_id("", LABELS) == 10
+    with pytest.raises(InputError, match="valid prompts: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9"):
+        label_id("seven", LABELS)
+
+
+def test_demo_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    assert main(["demo", "--samples", "10", "--out", str(out), "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "baseline" in table and "fewer-steps" in table and "postdiff" in table
+    results = json.loads((out / "results.json").read_text())
+    runs = {run["name"]: run for run in results["runs"]}
+    assert list(runs) == ["baseline", "fewer-steps", "postdiff"]
+    for run in runs.values():
+        assert set(run) >= {"name", "latency_s", "speedup", "macs", "adherence", "digit_fid", "psnr_db", "ssim"}
+        assert 0.0 <= run["adherence"] <= 1.0 and run["digit_fid"] >= 0.0
+    assert runs["baseline"]["speedup"] == 1.0 and runs["baseline"]["ssim"] == 1.0
+    assert runs["postdiff"]["macs"] < runs["fewer-steps"]["macs"] < runs["baseline"]["macs"]
+    assert runs["baseline"]["adherence"] >= 0.8  # a trained model, not noise
+    assert (out / "grid.png").stat().st_size > 0
+
+    bundle = out / "bundle"
+    code = main(["generate", str(bundle), "--prompt", "seven", "--out", str(tmp_path / "x.png"), "--quiet"])
+    assert code == 2 and "valid prompts: 0, 1, 2" in capsys.readouterr().err
+    code = main(["generate", str(bundle), "--prompt", "digit 7", "--schedule", "postdiff-sd15",
+                 "--out", str(tmp_path / "seven.png"), "--quiet"])
+    assert code == 0
+    from PIL import Image
+
+    image = np.asarray(Image.open(tmp_path / "seven.png"))
+    assert image.shape == (32, 32) and image.std() > 10  # a grayscale digit, not a flat field
+
+
+def test_demo_rejects_bad_model_and_samples(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--model", "random:nope", "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert "unknown built-in model 'random:nope'" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+    assert main(["demo", "--samples", "1", "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    assert "--samples 1 is too few" in capsys.readouterr().err
