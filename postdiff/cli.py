@@ -110,11 +110,29 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from postdiff.tools.bench import bench, format_results, parse_run
 
     runs = [parse_run(text) for text in args.run]
-    shared = {"auto": None, "shared": True, "per-session": False}[args.weights]
-    report = bench(runs, scheduler=args.scheduler, seed=args.seed, shared_weights=shared)
+    report = bench(runs, scheduler=args.scheduler, seed=args.seed)
     print(format_results(report))
     if args.json:
         write_json_atomic(Path(args.json), report)
+    return EXIT_OK
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    """Time every graph of a bundle on this device, plus the scheduler step and resolution switch, and
+    record peak memory and the machine in a device profile (JSON) for latency prediction and tuning."""
+    from postdiff.runtime.jsonio import write_json_atomic
+    from postdiff.tools.profile import format_profile, profile_bundle
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise InputError(f"--out {out} already exists; choose another file or pass --overwrite")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    profile = profile_bundle(Path(args.bundle), provider=args.provider, repeats=args.repeats, warmup=args.warmup,
+                             progress=not args.quiet)
+    write_json_atomic(out, profile)
+    print(format_profile(profile))
+    print(f"wrote {out}")
     return EXIT_OK
 
 
@@ -194,15 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     sched.set_defaults(handler=_cmd_schedule)
 
     bench = sub.add_parser("bench", help=_cmd_bench.__doc__, description=_cmd_bench.__doc__)
-    bench.add_argument("--run", action="append", required=True, metavar="BUNDLE:SCHEDULE",
-                       help="a bundle and a schedule (preset or file) to time; repeat; the first is the reference")
+    bench.add_argument("--run", action="append", required=True, metavar="BUNDLE:SCHEDULE[:WEIGHTS]",
+                       help="a bundle, a schedule (preset or file) and optionally how UNet sessions hold the weights "
+                            "(shared: one copy, prepacking off; per-session; default auto: shared when the bundle "
+                            "has several UNet graphs); repeat; the first run is the reference")
     bench.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp-2m", "euler"])
     bench.add_argument("--seed", type=int, default=0)
-    bench.add_argument("--weights", default="auto", choices=["auto", "shared", "per-session"],
-                       help="UNet weights: one shared copy (prepacking off) or per session (default: shared when "
-                            "a bundle has several UNet graphs)")
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     bench.set_defaults(handler=_cmd_bench)
+
+    prof = sub.add_parser("profile", help=_cmd_profile.__doc__, description=_cmd_profile.__doc__)
+    prof.add_argument("bundle", help="bundle folder written by `postdiff export`")
+    prof.add_argument("--out", required=True, metavar="DEVICE.json", help="device profile to write")
+    prof.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+                      help="ONNX Runtime execution provider (default: cpu)")
+    prof.add_argument("--repeats", type=int, default=10, help="timed calls per graph and operation (default: 10)")
+    prof.add_argument("--warmup", type=int, default=2, help="untimed calls before them (default: 2)")
+    prof.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    prof.add_argument("--quiet", action="store_true", help="no progress bar")
+    prof.set_defaults(handler=_cmd_profile)
 
     demo = sub.add_parser("demo", help=_cmd_demo.__doc__, description=_cmd_demo.__doc__)
     demo.add_argument("--model", default="digits",

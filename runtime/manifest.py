@@ -102,8 +102,8 @@ class TokenizerSpec:
     empty prompt is the null label (id ``len(labels)``) used for guidance.
     """
 
-    kind: str
     max_length: int
+    kind: str = "bpe"
     file: str = ""
     sha256: str = ""
     pad_id: int = 0

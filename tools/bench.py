@@ -1,8 +1,9 @@
 """`postdiff bench`: latency, MAC-predicted speed-up and memory of schedules, in one run.
 
-Each ``--run BUNDLE:SCHEDULE`` is measured in its own process (so resident memory is that run's
-alone): open every UNet session the schedule needs, record the resident-set growth, warm each
-graph up once, then time one generation. The first run is the reference for speed-ups. Figures are
+Each ``--run BUNDLE:SCHEDULE[:WEIGHTS]`` is measured in its own process (so resident memory is
+that run's alone): open every UNet session the schedule needs and record the resident-set growth,
+open the rest, warm each graph up once, then time one generation (prompt encoding, denoising and
+decoding separately). The first run is the reference for speed-ups. Figures are
 ratios from one machine in one invocation; absolute times carry the machine's name.
 """
 
@@ -22,18 +23,25 @@ from postdiff.runtime.errors import InputError
 
 @dataclass(frozen=True)
 class BenchRun:
-    """One bundle and the schedule to time on it."""
+    """One bundle, the schedule to time on it, and how its UNet sessions hold the weights."""
 
     bundle: Path
     schedule: str
+    weights: str = "auto"  # auto | shared | per-session
+
+
+WEIGHT_MODES = {"auto": None, "shared": True, "per-session": False}
 
 
 def parse_run(text: str) -> BenchRun:
-    """``BUNDLE:SCHEDULE`` -> BenchRun (the schedule is a preset name or a JSON file)."""
-    bundle, sep, schedule = text.rpartition(":")
-    if not sep or not bundle or not schedule:
-        raise InputError(f"--run '{text}' is not BUNDLE:SCHEDULE, e.g. sd15.bundle:postdiff-sd15")
-    return BenchRun(Path(bundle), schedule)
+    """``BUNDLE:SCHEDULE[:WEIGHTS]`` -> BenchRun (schedule: preset or JSON file; weights: auto,
+    shared or per-session)."""
+    parts = text.split(":")
+    weights = parts.pop() if len(parts) >= 3 and parts[-1] in WEIGHT_MODES else "auto"
+    if len(parts) < 2 or not parts[0] or not parts[-1]:
+        raise InputError(f"--run '{text}' is not BUNDLE:SCHEDULE[:WEIGHTS], e.g. sd15.bundle:postdiff-sd15 or "
+                         "sd15.bundle:baseline:shared")
+    return BenchRun(Path(":".join(parts[:-1])), parts[-1], weights)
 
 
 def rss_mb() -> float:
@@ -45,7 +53,7 @@ def rss_mb() -> float:
         return 0.0
 
 
-def measure(run: BenchRun, scheduler: str, seed: int, shared_weights: bool | None) -> dict:
+def measure(run: BenchRun, scheduler: str, seed: int) -> dict:
     """Measure one run in this process (called in a child process by :func:`bench`)."""
     import numpy as np
 
@@ -53,48 +61,59 @@ def measure(run: BenchRun, scheduler: str, seed: int, shared_weights: bool | Non
     from postdiff.runtime.explain import step_costs
     from postdiff.runtime.pipeline import GenerateOptions, Pipeline
     from postdiff.runtime.schedule import resolve_schedule
+    from postdiff.runtime.schedulers import make_scheduler
 
     schedule = resolve_schedule(run.schedule)
     before = rss_mb()
-    pipeline = Pipeline(run.bundle, verify=False, shared_weights=shared_weights)
+    pipeline = Pipeline(run.bundle, verify=False, shared_weights=WEIGHT_MODES[run.weights])
     executor = ScheduleExecutor(pipeline.manifest, schedule, pipeline.runner)
     for name in executor.graph_names:
         pipeline.runner(name)
     sessions_mb = rss_mb() - before
-    for name in executor.graph_names:  # one warm-up call per graph
+    pipeline.load_all()
+    for name in sorted(pipeline.manifest.graphs):  # one warm-up call per graph
         runner = pipeline.runner(name)
         runner.infer({t.name: np.zeros(t.shape, dtype=t.dtype) for t in runner.spec.inputs})
     options = GenerateOptions(prompt="a photograph of an astronaut riding a horse", seed=seed,
-                              steps=len(schedule.steps), scheduler=scheduler)
+                              steps=len(schedule.steps), scheduler=scheduler,
+                              guidance=pipeline.manifest.model.default_guidance)
+    started = time.perf_counter()
     context = pipeline.encode_pair(options)
+    encode_s = time.perf_counter() - started
     latents = pipeline.initial_latents(seed, executor.first_latent_shape())
-    from postdiff.runtime.schedulers import make_scheduler
-
     started = time.perf_counter()
     final = executor.run(make_scheduler(scheduler, pipeline.manifest.scheduler), latents, context,
                          options.guidance, seed)
     denoise_s = time.perf_counter() - started
     started = time.perf_counter()
-    pipeline.generate(options, schedule=schedule)
-    end_to_end_s = time.perf_counter() - started
+    pipeline.decode(final)
+    decode_s = time.perf_counter() - started
     macs = sum(row.macs or 0 for row in step_costs(schedule, pipeline.manifest))
     size = sum(p.stat().st_size for p in run.bundle.iterdir() if p.is_file())
     return {"bundle": str(run.bundle), "schedule": schedule.name, "steps": len(schedule.steps),
+            "weights": "shared" if pipeline._pool is not None else "per-session",
             "unet_graphs": len(executor.graph_names), "denoise_s": round(denoise_s, 3),
-            "end_to_end_s": round(end_to_end_s, 3), "unet_gmacs": round(macs / 1e9, 2),
-            "sessions_rss_mb": round(sessions_mb, 1), "bundle_mb": round(size / 2**20, 1),
-            "shared_weights": pipeline._pool is not None, "final_latent_mean": float(np.mean(final))}
+            "end_to_end_s": round(encode_s + denoise_s + decode_s, 3), "unet_gmacs": round(macs / 1e9, 2),
+            "sessions_rss_mb": round(sessions_mb, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "bundle_mb": round(size / 2**20, 1)}
 
 
-def bench(runs: list[BenchRun], scheduler: str = "ddim", seed: int = 0, shared_weights: bool | None = None) -> dict:
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench(runs: list[BenchRun], scheduler: str = "ddim", seed: int = 0) -> dict:
     """Measure every run in a child process; speed-ups are relative to the first run."""
     results = []
     for run in runs:
         if not (run.bundle / "manifest.json").is_file():
             raise InputError(f"--run {run.bundle}: not a bundle (no manifest.json); export one first")
         code = ("import json, sys; from pathlib import Path; from postdiff.tools.bench import BenchRun, measure; "
-                f"print(json.dumps(measure(BenchRun(Path({str(run.bundle)!r}), {run.schedule!r}), {scheduler!r}, "
-                f"{seed}, {shared_weights!r})))")
+                f"print(json.dumps(measure(BenchRun(Path({str(run.bundle)!r}), {run.schedule!r}, {run.weights!r}), "
+                f"{scheduler!r}, {seed})))")
         child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if child.returncode != 0:
             raise InputError(f"benchmark of {run.bundle}:{run.schedule} failed: {child.stderr.strip().splitlines()[-1]}")
@@ -113,11 +132,11 @@ def bench(runs: list[BenchRun], scheduler: str = "ddim", seed: int = 0, shared_w
 
 def format_results(report: dict) -> str:
     """The results as a fixed-width table."""
-    header = (f"{'bundle:schedule':<42} {'graphs':>6} {'denoise s':>10} {'total s':>8} {'GMACs':>8} "
+    header = (f"{'bundle:schedule:weights':<42} {'graphs':>6} {'denoise s':>10} {'total s':>8} {'GMACs':>8} "
               f"{'speed-up':>9} {'MAC pred.':>9} {'meas/pred':>9} {'RSS MB':>8} {'size MB':>8}")
     lines = [f"machine: {report['machine']}; scheduler {report['scheduler']}", header]
     for r in report["runs"]:
-        label = f"{Path(r['bundle']).name}:{r['schedule']}"
+        label = f"{Path(r['bundle']).name}:{r['schedule']}:{r['weights']}"
         lines.append(f"{label:<42} {r['unet_graphs']:>6} {r['denoise_s']:>10.2f} {r['end_to_end_s']:>8.2f} "
                      f"{r['unet_gmacs']:>8.1f} {r['measured_speedup']:>8.2f}x {r['predicted_speedup']:>8.2f}x "
                      f"{r['measured_over_predicted']:>9.2f} {r['sessions_rss_mb']:>8.0f} {r['bundle_mb']:>8.0f}")
