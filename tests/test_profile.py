@@ -1,0 +1,163 @@
+"""`postdiff profile`: device profiles, their schema, and latency prediction from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from postdiff.profiles.device import DeviceProfile, dump_device_profile, load_device_profile
+from postdiff.runtime.errors import InputError, ScheduleError
+from postdiff.runtime.jsonio import write_json_atomic
+from postdiff.runtime.manifest import load_manifest
+from postdiff.runtime.pipeline import GenerateOptions, Pipeline
+from postdiff.runtime.schedule import resolve_schedule
+from postdiff.runtime.schedulers import SCHEDULERS
+from postdiff.tools.profile import graph_calls, predict_ms, profile_bundle
+
+DEVICES = Path(__file__).resolve().parents[1] / "profiles" / "devices"
+
+
+@pytest.fixture(scope="module")
+def profile(tiny_postdiff_bundle: Path) -> DeviceProfile:
+    return profile_bundle(tiny_postdiff_bundle, repeats=3, warmup=1, progress=False)
+
+
+def test_profile_times_every_graph_size_and_switch(profile: DeviceProfile, tiny_postdiff_bundle: Path) -> None:
+    manifest = load_manifest(tiny_postdiff_bundle, verify=False)
+    assert set(profile.graphs) == set(manifest.graphs)
+    assert {"text_encoder", "vae_decoder"} <= set(profile.graphs)
+    assert set(profile.interleaved) == set(manifest.graphs)
+    # The presets run the tiny model's 16x16 latent at scales 1/2 and 3/4.
+    assert set(profile.scheduler_step) == set(SCHEDULERS)
+    for sizes in profile.scheduler_step.values():
+        assert set(sizes) == {"8x8", "12x12", "16x16"}
+    assert set(profile.switch) == {"8x8->12x12", "8x8->16x16", "12x12->16x16"}
+    for timing in [*profile.graphs.values(), *profile.interleaved.values(), *profile.switch.values()]:
+        assert timing.repeats == 3
+        assert 0 < timing.min_ms <= timing.p10_ms <= timing.median_ms <= timing.p90_ms
+    assert profile.bundle.source == "random:tiny-sd"
+    assert profile.weights == "shared"  # several UNet graphs: generation shares one weight copy
+    assert profile.machine.provider == "cpu" and profile.machine.cores >= 1 and profile.machine.cpu
+    assert profile.peak_rss_mb > 0 and profile.peak_gpu_mb is None
+
+
+def test_schema_round_trip(profile: DeviceProfile, tmp_path: Path) -> None:
+    path = tmp_path / "device.json"
+    write_json_atomic(path, profile)
+    assert load_device_profile(path) == profile
+    assert path.read_text() == dump_device_profile(profile)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(extra=1), "unknown key"),
+    (lambda d: d["graphs"]["text_encoder"].update(mean_ms=1.0), "unknown key"),
+    (lambda d: d["machine"].pop("cpu"), "missing required key 'cpu'"),
+    (lambda d: d.update(format_version=2), "format_version 2"),
+    (lambda d: d.update(weights="mmap"), "weights 'mmap'"),
+    (lambda d: d["graphs"]["text_encoder"].update(repeats=0), "repeats 0"),
+    (lambda d: d["interleaved"].pop("vae_decoder"), "the same graphs"),
+])
+def test_malformed_profiles_are_rejected(profile: DeviceProfile, tmp_path: Path, edit, message: str) -> None:
+    data = json.loads(dump_device_profile(profile))
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=message) as info:
+        load_device_profile(path)
+    assert str(path) in str(info.value)
+
+
+def test_prediction_tracks_measured_generation(profile: DeviceProfile, tiny_postdiff_bundle: Path) -> None:
+    """Tiny graphs are overhead-dominated and this machine is shared: compare the sum over two
+    schedules, with loose bounds, rather than each one tightly."""
+    pipeline = Pipeline(tiny_postdiff_bundle, verify=False)
+    predicted = measured = 0.0
+    for name in ("baseline", "postdiff-sd15"):
+        schedule = resolve_schedule(name)
+        options = GenerateOptions(prompt="a cat", steps=len(schedule.steps))
+        ms = predict_ms(profile, pipeline.manifest, schedule)
+        assert ms > 0
+        pipeline.generate(options, schedule=schedule)  # warm-up
+        runs = []
+        for _ in range(3):
+            started = time.perf_counter()
+            pipeline.generate(options, schedule=schedule)
+            runs.append(time.perf_counter() - started)
+        predicted += ms
+        measured += sorted(runs)[1] * 1e3
+    assert 0.5 <= measured / predicted <= 2.0, (measured, predicted)
+
+
+def test_graph_calls_follow_the_schedule(tiny_postdiff_bundle: Path) -> None:
+    manifest = load_manifest(tiny_postdiff_bundle, verify=False)
+    baseline = graph_calls(manifest, resolve_schedule("baseline"))
+    assert baseline == ["text_encoder"] * 2 + ["unet-16x16-b2-full"] * 20 + ["vae_decoder"]
+    postdiff = graph_calls(manifest, resolve_schedule("postdiff-sd15"))
+    assert len(postdiff) == 2 + 20 + 1 + 1  # one extra x̂0 evaluation at the resolution switch
+
+
+def test_prediction_refuses_another_bundle(profile: DeviceProfile, tiny_postdiff_bundle: Path) -> None:
+    manifest = load_manifest(tiny_postdiff_bundle, verify=False)
+    other = dataclasses.replace(manifest, schedules=("baseline",))
+    with pytest.raises(InputError, match="another bundle"):
+        predict_ms(profile, other, resolve_schedule("baseline"))
+    lacking = dataclasses.replace(profile, interleaved={k: v for k, v in profile.interleaved.items()
+                                                      if k != "unet-16x16-b2-full"})
+    with pytest.raises(InputError, match="unet-16x16-b2-full"):
+        predict_ms(lacking, manifest, resolve_schedule("baseline"))
+    with pytest.raises(InputError, match="scheduler 'lms'"):
+        predict_ms(profile, manifest, resolve_schedule("baseline"), scheduler="lms")
+
+
+def test_prediction_refuses_a_schedule_the_bundle_cannot_run(profile: DeviceProfile,
+                                                             tiny_postdiff_bundle: Path, tmp_path: Path) -> None:
+    from postdiff.runtime.schedule_builder import ScheduleKnobs, build_schedule
+
+    manifest = load_manifest(tiny_postdiff_bundle, verify=False)
+    schedule = build_schedule(ScheduleKnobs(steps=4, deepcache_interval=2, deepcache_branch=0), "branch0", "")
+    with pytest.raises(ScheduleError, match="branch0"):
+        predict_ms(profile, manifest, schedule)
+
+
+def test_bad_arguments(tiny_postdiff_bundle: Path) -> None:
+    with pytest.raises(InputError, match="--repeats 0"):
+        profile_bundle(tiny_postdiff_bundle, repeats=0)
+    with pytest.raises(InputError, match="--warmup -1"):
+        profile_bundle(tiny_postdiff_bundle, warmup=-1)
+
+
+CLI = """
+import sys
+from postdiff.cli import main
+code = main(sys.argv[1:])
+print("LEAKED", sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules))
+sys.exit(code)
+"""
+
+
+def test_cli_writes_a_profile_without_torch(tiny_postdiff_bundle: Path, tmp_path: Path) -> None:
+    out = tmp_path / "device.json"
+    args = [sys.executable, "-c", CLI, "profile", str(tiny_postdiff_bundle), "--out", str(out), "--repeats", "1",
+            "--warmup", "0", "--quiet"]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "LEAKED []" in result.stdout and "unet-16x16-b2-full" in result.stdout
+    assert load_device_profile(out).bundle.source == "random:tiny-sd"
+    again = subprocess.run(args, capture_output=True, text=True)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_committed_example_profiles_load() -> None:
+    examples = sorted(DEVICES.glob("*.json"))
+    assert examples, f"no example device profiles in {DEVICES}"
+    for path in examples:
+        device = load_device_profile(path)
+        assert device.bundle.source and device.bundle.manifest_sha256
+        text = path.read_text()
+        assert not any(root in text for root in ("/tmp/", "/home/", "/work/", "/root/", "/Users/")), path
