@@ -116,7 +116,9 @@ def bench(runs: list[BenchRun], scheduler: str = "ddim", seed: int = 0) -> dict:
                 f"{scheduler!r}, {seed})))")
         child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if child.returncode != 0:
-            raise InputError(f"benchmark of {run.bundle}:{run.schedule} failed: {child.stderr.strip().splitlines()[-1]}")
+            last = child.stderr.strip().splitlines()[-1:] or [f"killed by signal {-child.returncode} (out of memory?)"
+                                                              if child.returncode < 0 else f"exit {child.returncode}"]
+            raise InputError(f"benchmark of {run.bundle}:{run.schedule} failed: {last[0]}")
         results.append(json.loads(child.stdout.strip().splitlines()[-1]))
     reference = results[0]
     for result in results:
