@@ -1,9 +1,9 @@
 """`postdiff bench`: latency, MAC-predicted speed-up and memory of schedules, in one run.
 
 Each ``--run BUNDLE:SCHEDULE[:WEIGHTS]`` is measured in its own process (so resident memory is
-that run's alone): open every UNet session the schedule needs and record the resident-set growth,
-open the rest, warm each graph up once, then time one generation (prompt encoding, denoising and
-decoding separately). The first run is the reference for speed-ups. Figures are
+that run's alone): open every UNet session the schedule needs and run each once, then record the
+resident-set growth (weights resident, activation memory allocated); open and warm up the rest,
+then time one generation (prompt encoding, denoising and decoding separately). The first run is the reference for speed-ups. Figures are
 ratios from one machine in one invocation; absolute times carry the machine's name.
 """
 
@@ -67,11 +67,12 @@ def measure(run: BenchRun, scheduler: str, seed: int) -> dict:
     before = rss_mb()
     pipeline = Pipeline(run.bundle, verify=False, shared_weights=WEIGHT_MODES[run.weights])
     executor = ScheduleExecutor(pipeline.manifest, schedule, pipeline.runner)
-    for name in executor.graph_names:
-        pipeline.runner(name)
+    for name in executor.graph_names:  # every UNet session the schedule needs, each run once, so that
+        runner = pipeline.runner(name)  # weights are resident and activation arenas allocated
+        runner.infer({t.name: np.zeros(t.shape, dtype=t.dtype) for t in runner.spec.inputs})
     sessions_mb = rss_mb() - before
     pipeline.load_all()
-    for name in sorted(pipeline.manifest.graphs):  # one warm-up call per graph
+    for name in sorted(set(pipeline.manifest.graphs) - set(executor.graph_names)):  # warm the others up
         runner = pipeline.runner(name)
         runner.infer({t.name: np.zeros(t.shape, dtype=t.dtype) for t in runner.spec.inputs})
     options = GenerateOptions(prompt="a photograph of an astronaut riding a horse", seed=seed,

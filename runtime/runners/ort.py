@@ -37,6 +37,17 @@ def execution_providers(provider: str) -> list[str]:
     return [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
 
 
+_SHARED_ARENA: list[bool] = []
+
+
+def _register_shared_arena() -> None:
+    """Register one CPU arena allocator with ONNX Runtime's environment, once per process."""
+    if not _SHARED_ARENA:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+        _SHARED_ARENA.append(True)
+
+
 class OrtRunner(Runner):
     """Runs one bundle graph in an ONNX Runtime session."""
 
@@ -65,6 +76,9 @@ class OrtRunner(Runner):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.disable_prepacking", "1")
+            # ...and one activation arena for all of them (they run one at a time), not one each.
+            options.add_session_config_entry("session.use_env_allocators", "1")
+            _register_shared_arena()
             for name, value in shared.items():
                 options.add_initializer(name, value)
         try:
