@@ -48,6 +48,7 @@ class ExportOptions:
     resolution: tuple[int, int] | None = None  # (height, width) in pixels; None: the model's default
     precision: str = "fp32"
     schedules: tuple[str, ...] = ()  # schedule files or preset names; () = plain generation only
+    tuning_space: bool = False  # also every variant `postdiff tune` may pick (profiles/tuning.py)
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -94,7 +95,12 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
     height, width = options.resolution or model.default_resolution
     check_resolution(model, height, width)
     latent = (height // model.vae_scale_factor, width // model.vae_scale_factor)
-    variants = unet_variants(schedules, latent, model.downsample_factor)
+    wanted = list(schedules)
+    if options.tuning_space:  # the variants only: manifest.schedules keeps naming the requested schedules
+        from postdiff.profiles.tuning import tuning_schedules
+
+        wanted += tuning_schedules(latent=latent, multiple=model.downsample_factor)
+    variants = unet_variants(wanted, latent, model.downsample_factor)
     plans = text_and_decoder_plans(model, height, width) + [unet_plan(model, v) for v in variants]
     if options.precision == "fp16":
         # The text encoder stays fp32: it runs once per prompt, and CLIP's traced LayerNorm does not

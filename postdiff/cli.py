@@ -25,7 +25,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     resolution = parse_resolution(args.resolution) if args.resolution else None
     options = ExportOptions(source=args.model, out=Path(args.out), resolution=resolution, precision=args.precision,
-                            schedules=tuple(args.schedule or ()))
+                            schedules=tuple(args.schedule or ()), tuning_space=args.tuning_space)
     started = time.perf_counter()
     manifest = export_bundle(options, progress=not args.quiet)
     worst = max(g.parity.max_abs_diff for g in manifest.graphs.values())
@@ -136,6 +136,20 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    """Pick the schedule with the best images within a latency budget on a device: predict every
+    candidate's latency from the device profile, measure fidelity on calibration samples against the
+    20-step baseline, and write the chosen schedule plus frontier.json and frontier.png beside it."""
+    from postdiff.tools.tune import TuneOptions, format_summary, tune
+
+    options = TuneOptions(bundle=Path(args.bundle), device=Path(args.device), out=Path(args.out),
+                          budget_ms=args.budget_ms, speedup=args.speedup, calib=args.calib, workers=args.workers,
+                          scheduler=args.scheduler, timing_runs=args.timing_runs, slack=args.slack,
+                          cache=Path(args.cache) if args.cache else None)
+    print(format_summary(tune(options, progress=not args.quiet)))
+    return EXIT_OK
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Fewer steps or cheaper steps? Export a model, run baseline / fewer-steps / postdiff on the same
     seeds, and report latency, speed-up, MACs and fidelity (writes grid.png and results.json)."""
@@ -164,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--schedule", action="append", metavar="SCHEDULE",
                         help="schedule file or preset whose graph variants to export (repeatable; default: only "
                              "the plain full-resolution graph)")
+    export.add_argument("--tuning-space", action="store_true",
+                        help="also export every graph variant the candidates of `postdiff tune` need")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(handler=_cmd_export)
 
@@ -231,6 +247,32 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     prof.add_argument("--quiet", action="store_true", help="no progress bar")
     prof.set_defaults(handler=_cmd_profile)
+
+    tune = sub.add_parser("tune", help=_cmd_tune.__doc__, description=_cmd_tune.__doc__)
+    tune.add_argument("bundle", help="bundle folder, ideally exported with --tuning-space (it must hold the "
+                                     "20-step baseline's graph)")
+    tune.add_argument("--device", required=True, metavar="DEVICE.json",
+                      help="device profile of this bundle, written by `postdiff profile` on the target device")
+    budget = tune.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-ms", type=float, metavar="X", help="latency budget per image on the device, ms")
+    budget.add_argument("--speedup", type=float, metavar="Y",
+                        help="budget = the 20-step baseline's predicted latency / Y")
+    tune.add_argument("--calib", type=int, default=32, metavar="N",
+                      help="calibration samples per candidate (seeds 0..N-1; default: 32)")
+    tune.add_argument("--workers", type=int, metavar="W", help="processes measuring fidelity (default: one per CPU)")
+    tune.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp-2m", "euler"],
+                      help="sampler to tune for (default: ddim)")
+    tune.add_argument("--timing-runs", type=int, default=5, metavar="R",
+                      help="timed generations per candidate for the measured latency (default: 5)")
+    tune.add_argument("--slack", type=float, default=0.5,
+                      help="also measure cheaper-steps candidates predicted up to budget x (1 + SLACK) (default: 0.5)")
+    tune.add_argument("--cache", metavar="PATH",
+                      help="results cache, JSON lines (default: tune-cache.jsonl beside --out); a re-run, or a run "
+                           "for another budget, reuses every result in it")
+    tune.add_argument("--out", required=True, metavar="SCHEDULE.json",
+                      help="chosen schedule to write (frontier.json and frontier.png go beside it)")
+    tune.add_argument("--quiet", action="store_true", help="no progress bars")
+    tune.set_defaults(handler=_cmd_tune)
 
     demo = sub.add_parser("demo", help=_cmd_demo.__doc__, description=_cmd_demo.__doc__)
     demo.add_argument("--model", default="digits",

@@ -59,13 +59,14 @@ class Pipeline:
     """Loads a bundle's graphs once and generates images from prompts."""
 
     def __init__(self, bundle: Path, provider: str = "cpu", verify: bool = True,
-                 shared_weights: bool | None = None) -> None:
+                 shared_weights: bool | None = None, threads: int | None = None) -> None:
         """Load a bundle.
 
         Args:
             verify: check every file's sha256 first.
             shared_weights: give all UNet sessions one in-memory copy of the weights (default: when
                 the bundle has more than one UNet graph).
+            threads: intra-op threads per ONNX Runtime session (default: ONNX Runtime's choice).
         """
         self.bundle = Path(bundle)
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
@@ -75,13 +76,14 @@ class Pipeline:
         share = unets > 1 if shared_weights is None else shared_weights
         self._pool = WeightPool(self.bundle, self.manifest) if share else None
         self._runners: dict[str, Runner] = {}
+        self._threads = threads
 
     def runner(self, name: str) -> Runner:
         """The runner of graph ``name``, created on first use."""
         if name not in self._runners:
             spec = self.manifest.graph(name)
             shared = self._pool.initializers(spec) if self._pool is not None else None
-            self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared)
+            self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads)
         return self._runners[name]
 
     def load_all(self) -> None:
