@@ -20,7 +20,7 @@ The figures are merged into ``MODEL/TRAINING.json`` under "quality" (``--no-reco
 Usage:
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 .venv/bin/python \
         tools/check_digits_quality.py --model exporter/builtin/digits [--per-class 100] \
-        [--guidance 3.0] [--steps 20] [--lowres-steps 0] [--grid /tmp/digits_run/samples.png]
+        [--guidance 3.0] [--steps 20] [--lowres-steps 0] [--grid SAMPLES.png]
 """
 
 from __future__ import annotations

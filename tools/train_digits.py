@@ -22,7 +22,7 @@ At the end the EMA weights are exported to ``--out`` in the diffusers folder lay
 Usage:
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 \
         .venv/bin/python tools/train_digits.py --minutes 70 --out exporter/builtin/digits \
-        --run-dir /tmp/digits_run [--resume]
+        --run-dir RUN_DIR [--resume]   (default RUN_DIR: <system temp>/digits_run)
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -176,7 +177,7 @@ def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=70.0, help="training time budget (all runs together)")
     ap.add_argument("--out", type=Path, default=Path("exporter/builtin/digits"))
-    ap.add_argument("--run-dir", type=Path, default=Path("/tmp/digits_run"), help="checkpoints and logs")
+    ap.add_argument("--run-dir", type=Path, default=Path(tempfile.gettempdir()) / "digits_run", help="checkpoints and logs")
     ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/ckpt.pt")
     ap.add_argument("--export-only", action="store_true", help="export the EMA of RUN_DIR/ckpt.pt and stop")
     ap.add_argument("--seed", type=int, default=0)

@@ -215,7 +215,8 @@ def _init_worker(bundle: str, requests: list[Request], reference: list, schedule
 def _work(schedule: Schedule) -> tuple[str, dict]:
     if _WORKER_ERROR is not None:
         raise _WORKER_ERROR
-    assert _WORKER is not None, "worker not initialised"
+    if _WORKER is None:
+        raise RuntimeError("tune worker used before its initializer ran (a postdiff bug)")
     return schedule.name, _WORKER.evaluate(schedule)
 
 
@@ -405,7 +406,9 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     space = list(options.space) if options.space is not None else candidates(options.steps_full)
     baseline = next((c for c in candidates(options.steps_full)
                      if c.family == FEWER and c.steps == options.steps_full), None)
-    assert baseline is not None
+    if baseline is None:
+        raise InputError(f"the candidate space has no plain {options.steps_full}-step baseline; "
+                         "use a steps_full that the fewer-steps family contains (e.g. 20)")
     if baseline.name not in {c.name for c in space}:
         space.insert(0, baseline)
     built = {c.name: build(c) for c in space}
@@ -462,7 +465,8 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
                        "baseline": c.name == baseline.name})
     front = pareto_names(points, metric)
     chosen = choose(points, metric, budget)
-    assert chosen is not None  # the fastest fitting candidate is measured (fewer steps, or kept above)
+    if chosen is None:  # cannot happen: the fastest fitting candidate is always measured
+        raise RuntimeError(f"no measured candidate fits {budget:.1f} ms (a postdiff bug)")
     for p in points:
         p["on_frontier"] = p["name"] in front
         p["chosen"] = p["name"] == chosen["name"]
