@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from postdiff.runtime.errors import InputError
-from postdiff.runtime.jsonio import dumps, from_dict, read_json
+from postdiff.runtime.jsonio import dumps, load_versioned
 
 FORMAT_VERSION = 1
 WEIGHTS_MODES = ("shared", "per-session")
@@ -121,14 +121,8 @@ def load_device_profile(path: Path) -> DeviceProfile:
             version, an unknown or missing key, or an impossible value.
     """
     path = Path(path)
-    data = read_json(path, InputError)
-    version = data.get("format_version") if isinstance(data, dict) else None
-    if version != FORMAT_VERSION:
-        raise InputError(
-            f"{path}: device profile format_version {version!r} is not supported (this postdiff reads "
-            f"version {FORMAT_VERSION}); re-run `postdiff profile` with this postdiff"
-        )
-    profile = from_dict(DeviceProfile, data, str(path), InputError)
+    profile = load_versioned(DeviceProfile, path, FORMAT_VERSION, InputError,
+                             "re-run `postdiff profile` with this postdiff")
     validate_device_profile(profile, str(path))
     return profile
 

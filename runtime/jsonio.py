@@ -127,3 +127,16 @@ def read_json(path: Path, error: type[PostdiffError] = InputError) -> Any:
         raise error(f"{path}: cannot be read ({exc})") from None
     except json.JSONDecodeError as exc:
         raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def load_versioned(cls: type[T], path: Path, version: int, error: type[PostdiffError], fix: str) -> T:
+    """Read a JSON file whose ``format_version`` must equal ``version``, then build ``cls`` strictly.
+
+    ``fix`` completes the message for an unsupported version (what the user should do).
+    """
+    data = read_json(Path(path), error)
+    found = data.get("format_version") if isinstance(data, dict) else None
+    if found != version:
+        raise error(f"{path}: format_version {found!r} is not supported (this postdiff reads version "
+                    f"{version}); {fix}")
+    return from_dict(cls, data, str(path), error)

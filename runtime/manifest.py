@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from postdiff.runtime.errors import BundleError
-from postdiff.runtime.jsonio import dumps, from_dict, read_json
+from postdiff.runtime.jsonio import dumps, load_versioned
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -196,14 +196,8 @@ def load_manifest(bundle: Path, verify: bool = True) -> Manifest:
             f"{bundle} has no {MANIFEST_NAME}: it is not a postdiff bundle, or its export did not "
             "finish; re-export it with `postdiff export`"
         )
-    data = read_json(path, BundleError)
-    version = data.get("format_version") if isinstance(data, dict) else None
-    if version != FORMAT_VERSION:
-        raise BundleError(
-            f"{path}: format_version {version!r} is not supported (this postdiff reads version "
-            f"{FORMAT_VERSION}); re-export the bundle with this postdiff or upgrade postdiff"
-        )
-    manifest = from_dict(Manifest, data, str(path), BundleError)
+    manifest = load_versioned(Manifest, path, FORMAT_VERSION, BundleError,
+                              "re-export the bundle with this postdiff or upgrade postdiff")
     if verify:
         verify_files(bundle, manifest)
     return manifest

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from postdiff.runtime.errors import ScheduleError
-from postdiff.runtime.jsonio import from_dict, read_json
+from postdiff.runtime.jsonio import load_versioned
 
 FORMAT_VERSION = 1
 DEEP_ACTIONS = ("none", "refresh", "reuse")
@@ -68,11 +68,8 @@ class Schedule:
 
 def load_schedule(path: Path) -> Schedule:
     """Read and validate a schedule JSON file (ScheduleError on any problem)."""
-    data = read_json(Path(path), ScheduleError)
-    version = data.get("format_version") if isinstance(data, dict) else None
-    if version != FORMAT_VERSION:
-        raise ScheduleError(f"{path}: schedule format_version {version!r} is not supported; expected {FORMAT_VERSION}")
-    schedule = from_dict(Schedule, data, str(path), ScheduleError)
+    schedule = load_versioned(Schedule, path, FORMAT_VERSION, ScheduleError,
+                              "rebuild it with `postdiff schedule` from this postdiff")
     validate(schedule)
     return schedule
 
