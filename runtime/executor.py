@@ -67,6 +67,7 @@ class ScheduleExecutor:
         self._runner = runner
         self._feature: np.ndarray | None = None
         self._xattn: dict[str, np.ndarray] = {}
+        self._graph_of: dict[Variant, str] = {}
 
     def first_latent_shape(self) -> tuple[int, ...]:
         """Shape of the initial noise: the first step's latent size."""
@@ -111,7 +112,9 @@ class ScheduleExecutor:
     def _evaluate(self, variant: Variant, scheduler: Scheduler, x: np.ndarray, t: np.generic,
                   context: np.ndarray, guidance: float) -> np.ndarray:
         """One UNet evaluation; returns the (guided) noise prediction for one latent."""
-        runner = self._runner(self.manifest.unet_graph(concrete(self.manifest, variant)))
+        if variant not in self._graph_of:  # resolved once per variant, not on every step
+            self._graph_of[variant] = self.manifest.unet_graph(concrete(self.manifest, variant))
+        runner = self._runner(self._graph_of[variant])
         spec = runner.spec
         batch = np.concatenate([x, x]) if variant.batch == 2 else x
         feed = {SAMPLE: scheduler.scale_model_input(batch, t).astype(spec.input(SAMPLE).dtype, copy=False),
