@@ -119,7 +119,7 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
             format_version=FORMAT_VERSION,
             producer={"postdiff": postdiff.__version__, "torch": torch.__version__.split("+")[0],
                       "diffusers": diffusers.__version__, "onnx": onnx.__version__, "onnx_opset": str(OPSET)},
-            model=ModelInfo(source=_source_id(options.source), latent_channels=model.unet.config.in_channels,
+            model=ModelInfo(source=source_id(options.source), latent_channels=model.unet.config.in_channels,
                             vae_scale_factor=model.vae_scale_factor, downsample_factor=model.downsample_factor,
                             height=height, width=width, default_guidance=model.default_guidance),
             graphs=graphs,
@@ -172,6 +172,6 @@ def _write_tokenizer(model: LoadedModel, stage: Path) -> TokenizerSpec:
                          max_length=int(model.tokenizer.model_max_length), pad_id=int(model.tokenizer.pad_token_id))
 
 
-def _source_id(source: str) -> str:
+def source_id(source: str) -> str:
     """Built-in specs by name, folders by their last path component (no machine paths in bundles)."""
     return source if source.startswith("random:") else Path(source).resolve().name

@@ -37,11 +37,7 @@ class ReferenceExecutor:
 
     def encode(self, prompt: str, negative_prompt: str, guidance: float) -> torch.Tensor:
         """[negative; positive] hidden states, as diffusers' pipeline computes them."""
-        def hidden(text: str) -> torch.Tensor:
-            return self.model.encode_ids(self.model.token_ids(text))
-
-        positive = hidden(prompt)
-        return torch.cat([hidden(negative_prompt) if guidance > 1.0 else positive, positive])
+        return encode_pair(self.model, prompt, negative_prompt, guidance)
 
     @torch.no_grad()
     def run(self, scheduler_name: str, latents: np.ndarray, context: torch.Tensor, guidance: float,
@@ -102,6 +98,16 @@ class ReferenceExecutor:
         return uncond + guidance * (cond - uncond)
 
 
+@torch.no_grad()
+def encode_pair(model: LoadedModel, prompt: str, negative_prompt: str, guidance: float) -> torch.Tensor:
+    """[negative; positive] conditioning states (2, L', D); both rows are the prompt's when guidance is off."""
+    def hidden(text: str) -> torch.Tensor:
+        return model.encode_ids(model.token_ids(text))
+
+    positive = hidden(prompt)
+    return torch.cat([hidden(negative_prompt) if guidance > 1.0 else positive, positive])
+
+
 def _predict_x0(scheduler, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """diffusers' own x̂0 for the sample ``x`` at ``t`` (without advancing the scheduler)."""
     if isinstance(scheduler, DDIMScheduler):
@@ -124,3 +130,38 @@ def _reset_history(scheduler) -> None:
     if isinstance(scheduler, DPMSolverMultistepScheduler):
         scheduler.model_outputs = [None] * scheduler.config.solver_order
         scheduler.lower_order_nums = 0
+
+
+@torch.no_grad()
+def diffusers_generate(model: LoadedModel, scheduler_name: str, prompt: str, negative_prompt: str, steps: int,
+                       guidance: float, latents: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain generation in PyTorch, the way diffusers does it: final latents and uint8 image (H, W, C).
+
+    Text-conditioned models run diffusers' own ``StableDiffusionPipeline`` (then its VAE and image
+    processor). Label-conditioned pixel-space models (``digits``) have no diffusers pipeline; they
+    run the same loop on the diffusers UNet and scheduler: scale the duplicated sample, one batch-2
+    UNet call, classifier-free guidance, scheduler step.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from postdiff.runtime.image import to_uint8
+
+    scheduler = DIFFUSERS_SCHEDULERS[scheduler_name].from_config(model.scheduler_config)
+    if model.labels:
+        context = encode_pair(model, prompt, negative_prompt, guidance)
+        scheduler.set_timesteps(steps)
+        x = torch.from_numpy(latents) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            batch = scheduler.scale_model_input(torch.cat([x, x]), t)
+            uncond, cond = model.unet(batch, t, encoder_hidden_states=context, return_dict=False)[0].chunk(2)
+            eps = uncond + guidance * (cond - uncond) if guidance > 1.0 else cond
+            x = scheduler.step(eps, t, x, return_dict=False)[0]
+        return x.numpy(), to_uint8(x.numpy())[0]
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    final = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width, num_inference_steps=steps,
+                 guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="latent").images
+    decoded = model.vae.decode(final / model.vae.config.scaling_factor, return_dict=False)[0]
+    return final.numpy(), to_uint8(decoded.numpy())[0]

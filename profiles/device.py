@@ -1,7 +1,7 @@
 """Device profiles: what every graph of one bundle costs on one machine (``postdiff profile``).
 
-A device profile is JSON (``format_version`` 1) written by :func:`postdiff.tools.profile.profile_bundle`
-on the device and read by the tuner and by :func:`postdiff.tools.profile.predict_ms`. It is tied to
+A device profile is JSON (``format_version`` 1) written by :func:`postdiff.tools.profiler.profile_bundle`
+on the device and read by the tuner and by :func:`postdiff.tools.profiler.predict_ms`. It is tied to
 one bundle by the sha256 of that bundle's manifest: timings of another bundle's graphs say nothing
 about this one's. Examples measured on the development machine live in ``profiles/devices/``.
 

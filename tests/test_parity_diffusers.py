@@ -6,34 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
+from postdiff.exporter.reference import DIFFUSERS_SCHEDULERS, diffusers_generate
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
-
-DIFFUSERS_SCHEDULERS = {
-    "ddim": DDIMScheduler,
-    "dpmpp-2m": DPMSolverMultistepScheduler,  # defaults: dpmsolver++, order 2
-    "euler": EulerDiscreteScheduler,
-}
 
 
 def diffusers_generation(model, scheduler: str, options: GenerateOptions, latents: np.ndarray,
                          height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Final latents and uint8 image from diffusers for the same inputs."""
-    pipe = StableDiffusionPipeline(
-        vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
-        scheduler=DIFFUSERS_SCHEDULERS[scheduler].from_config(model.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad():
-        final = pipe(options.prompt, negative_prompt=options.negative_prompt, height=height, width=width,
-                     num_inference_steps=options.steps, guidance_scale=options.guidance,
-                     latents=torch.from_numpy(latents), output_type="latent").images
-        decoded = model.vae.decode(final / model.vae.config.scaling_factor, return_dict=False)[0]
-        image = pipe.image_processor.postprocess(decoded, output_type="np")[0]
-    return final.numpy(), np.round(image * 255).astype(np.uint8)
+    return diffusers_generate(model, scheduler, options.prompt, options.negative_prompt, options.steps,
+                              options.guidance, latents, height, width)
 
 
 @pytest.mark.parametrize("scheduler", sorted(DIFFUSERS_SCHEDULERS))
@@ -68,3 +50,19 @@ def test_seeded_noise_is_reproducible(tiny_bundle: Path) -> None:
     first, second = pipeline.generate(options), pipeline.generate(options)
     assert np.array_equal(first.latents, second.latents)
     assert not np.array_equal(first.latents, pipeline.generate(GenerateOptions(prompt="x", seed=8, steps=3)).latents)
+
+
+def test_label_model_matches_the_diffusers_loop(tmp_path: Path) -> None:
+    """`digits` (label-conditioned, pixel space) against the same loop on the diffusers UNet and scheduler."""
+    from postdiff.exporter.export import ExportOptions, export_bundle
+    from postdiff.exporter.models import load_model
+
+    bundle = tmp_path / "digits"
+    export_bundle(ExportOptions(source="digits", out=bundle), progress=False)
+    pipeline = Pipeline(bundle)
+    options = GenerateOptions(prompt="3", seed=5, steps=10, guidance=3.0, scheduler="dpmpp-2m")
+    latents = pipeline.initial_latents(options.seed)
+    ours = pipeline.generate(options, latents=latents)
+    theirs_latents, theirs_image = diffusers_generation(load_model("digits"), "dpmpp-2m", options, latents, 32, 32)
+    assert float(np.max(np.abs(ours.latents - theirs_latents))) <= 1e-4
+    assert int(np.max(np.abs(ours.image.astype(int) - theirs_image.astype(int)))) <= 1

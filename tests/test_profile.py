@@ -18,7 +18,7 @@ from postdiff.runtime.manifest import load_manifest
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.schedule import resolve_schedule
 from postdiff.runtime.schedulers import SCHEDULERS
-from postdiff.tools.profile import graph_calls, predict_ms, profile_bundle
+from postdiff.tools.profiler import graph_calls, predict_ms, profile_bundle
 
 DEVICES = Path(__file__).resolve().parents[1] / "profiles" / "devices"
 

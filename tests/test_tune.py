@@ -18,7 +18,7 @@ from postdiff.runtime.schedule import graph_variants, load_schedule, resolve_sch
 from postdiff.runtime.schedule_builder import ScheduleKnobs
 from postdiff.tools import tune as tune_module
 from postdiff.tools.calib_rank import average_ranks, spearman
-from postdiff.tools.profile import profile_bundle
+from postdiff.tools.profiler import profile_bundle
 from postdiff.tools.tune import TuneCache, TuneOptions, choose, pareto_names, tune
 
 # Candidates the tiny preset bundle (conftest.PRESETS) has graphs for, plus two it lacks.

@@ -1,10 +1,18 @@
-"""`postdiff bench`: latency, MAC-predicted speed-up and memory of schedules, in one run.
+"""`postdiff bench`: diffusers vs the runtime, and the runtime's baseline vs faster schedules, in one run.
 
-Each ``--run BUNDLE:SCHEDULE[:WEIGHTS]`` is measured in its own process (so resident memory is
-that run's alone): open every UNet session the schedule needs and run each once, then record the
-resident-set growth (weights resident, activation memory allocated); open and warm up the rest,
-then time one generation (prompt encoding, denoising and decoding separately). The first run is the reference for speed-ups. Figures are
-ratios from one machine in one invocation; absolute times carry the machine's name.
+Rows, each measured in a child process of its own (so that its peak resident memory is its own):
+
+* ``runtime:baseline`` -- the 20-step baseline schedule through :class:`~postdiff.runtime.pipeline.Pipeline`;
+* ``diffusers:baseline`` -- the same generation in PyTorch through diffusers
+  (:func:`~postdiff.exporter.reference.diffusers_generate`), from the runtime's initial latents; the
+  final latents of the two are compared, so that a speed figure never hides a wrong result;
+* ``runtime:SCHEDULE`` -- one row per ``--schedule`` (preset or schedule file).
+
+Every row does one untimed warm-up generation (sessions, allocators), then ``repeats`` timed
+ones: the median wall time of prompt encoding + denoising + decoding. Runtime rows also add up the
+time spent inside graph calls; the rest of the wall time is the runtime's own overhead (numpy
+scheduler steps, guidance, resolution switches, feed checks, tokenizing, image conversion).
+Speed-ups are ratios of medians measured in this one invocation on this one machine.
 """
 
 from __future__ import annotations
@@ -14,34 +22,88 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from tqdm.auto import tqdm
+
+from postdiff.profiles.device import load_device_profile
 from postdiff.runtime.errors import InputError
+from postdiff.runtime.executor import ScheduleExecutor, required_graphs
+from postdiff.runtime.explain import step_costs
+from postdiff.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+from postdiff.runtime.pipeline import GenerateOptions, Pipeline
+from postdiff.runtime.runners.base import Runner
+from postdiff.runtime.schedule import resolve_schedule
+from postdiff.tools.profiler import cpu_model, peak_rss_mb, predict_ms
+
+BASELINE = "baseline"
+WEIGHT_MODES = {"auto": None, "shared": True, "per-session": False}
+SD_PROMPT = "a photograph of an astronaut riding a horse"
 
 
 @dataclass(frozen=True)
-class BenchRun:
-    """One bundle, the schedule to time on it, and how its UNet sessions hold the weights."""
+class BenchOptions:
+    """Validated `postdiff bench` arguments.
 
-    bundle: Path
-    schedule: str
-    weights: str = "auto"  # auto | shared | per-session
+    ``bundle`` is used as it is when it exists; otherwise ``model`` is exported to it (or to a
+    temporary folder when ``bundle`` is None) with ``baseline`` and ``schedules``.
+    """
+
+    model: str | None = None  # model source (for the export and the diffusers row)
+    bundle: Path | None = None
+    schedules: tuple[str, ...] = ("postdiff-sd15",)
+    resolution: tuple[int, int] | None = None  # export resolution (pixels); None: the model's
+    scheduler: str = "ddim"
+    seed: int = 0
+    repeats: int = 3
+    weights: str = "auto"  # how UNet sessions hold weights: auto | shared | per-session
+    diffusers: bool = True  # also time diffusers (needs torch and the model)
+    device: Path | None = None  # device profile: adds each row's predicted latency
+    prompt: str | None = None  # default: SD_PROMPT, or the first label of a label model
 
 
-WEIGHT_MODES = {"auto": None, "shared": True, "per-session": False}
+# --- child side: one row, in its own process ------------------------------------------------------------
 
 
-def parse_run(text: str) -> BenchRun:
-    """``BUNDLE:SCHEDULE[:WEIGHTS]`` -> BenchRun (schedule: preset or JSON file; weights: auto,
-    shared or per-session)."""
-    parts = text.split(":")
-    weights = parts.pop() if len(parts) >= 3 and parts[-1] in WEIGHT_MODES else "auto"
-    if len(parts) < 2 or not parts[0] or not parts[-1]:
-        raise InputError(f"--run '{text}' is not BUNDLE:SCHEDULE[:WEIGHTS], e.g. sd15.bundle:postdiff-sd15 or "
-                         "sd15.bundle:baseline:shared")
-    return BenchRun(Path(":".join(parts[:-1])), parts[-1], weights)
+class TimedRunner(Runner):
+    """A runner that adds the time spent inside its graph calls to a shared clock."""
+
+    def __init__(self, inner: Runner, clock: list[float]) -> None:
+        super().__init__(inner.spec)
+        self._inner = inner
+        self._clock = clock
+
+    def _infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
+        outputs = self._inner._infer(feed)
+        self._clock[0] += time.perf_counter() - started
+        return outputs
+
+
+class TimedPipeline(Pipeline):
+    """A pipeline whose graph calls are timed: ``graph_seconds`` is their sum since the last reset."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._clock = [0.0]
+        self._timed: dict[str, TimedRunner] = {}
+
+    def runner(self, name: str) -> Runner:
+        if name not in self._timed:
+            self._timed[name] = TimedRunner(super().runner(name), self._clock)
+        return self._timed[name]
+
+    @property
+    def graph_seconds(self) -> float:
+        return self._clock[0]
+
+    def reset_clock(self) -> None:
+        self._clock[0] = 0.0
 
 
 def rss_mb() -> float:
@@ -53,94 +115,235 @@ def rss_mb() -> float:
         return 0.0
 
 
-def measure(run: BenchRun, scheduler: str, seed: int) -> dict:
-    """Measure one run in this process (called in a child process by :func:`bench`)."""
-    import numpy as np
-
-    from postdiff.runtime.executor import ScheduleExecutor
-    from postdiff.runtime.explain import step_costs
-    from postdiff.runtime.pipeline import GenerateOptions, Pipeline
-    from postdiff.runtime.schedule import resolve_schedule
-    from postdiff.runtime.schedulers import make_scheduler
-
-    schedule = resolve_schedule(run.schedule)
+def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repeats: int, weights: str, prompt: str,
+                    save: str) -> dict:
+    """Time ``repeats`` generations of ``schedule``; save the initial and final latents under ``save``."""
+    plan = resolve_schedule(schedule)
     before = rss_mb()
-    pipeline = Pipeline(run.bundle, verify=False, shared_weights=WEIGHT_MODES[run.weights])
-    executor = ScheduleExecutor(pipeline.manifest, schedule, pipeline.runner)
-    for name in executor.graph_names:  # every UNet session the schedule needs, each run once, so that
-        runner = pipeline.runner(name)  # weights are resident and activation arenas allocated
+    pipeline = TimedPipeline(Path(bundle), verify=False, shared_weights=WEIGHT_MODES[weights])
+    executor = ScheduleExecutor(pipeline.manifest, plan, pipeline.runner)
+    for name in executor.graph_names:  # every UNet session the schedule needs, run once: weights
+        runner = pipeline.runner(name)  # resident and activation memory allocated
         runner.infer({t.name: np.zeros(t.shape, dtype=t.dtype) for t in runner.spec.inputs})
     sessions_mb = rss_mb() - before
-    pipeline.load_all()
-    for name in sorted(set(pipeline.manifest.graphs) - set(executor.graph_names)):  # warm the others up
-        runner = pipeline.runner(name)
-        runner.infer({t.name: np.zeros(t.shape, dtype=t.dtype) for t in runner.spec.inputs})
-    options = GenerateOptions(prompt="a photograph of an astronaut riding a horse", seed=seed,
-                              steps=len(schedule.steps), scheduler=scheduler,
+    options = GenerateOptions(prompt=prompt, seed=seed, steps=len(plan.steps), scheduler=scheduler,
                               guidance=pipeline.manifest.model.default_guidance)
-    started = time.perf_counter()
-    context = pipeline.encode_pair(options)
-    encode_s = time.perf_counter() - started
-    latents = pipeline.initial_latents(seed, executor.first_latent_shape())
-    started = time.perf_counter()
-    final = executor.run(make_scheduler(scheduler, pipeline.manifest.scheduler), latents, context,
-                         options.guidance, seed)
-    denoise_s = time.perf_counter() - started
-    started = time.perf_counter()
-    pipeline.decode(final)
-    decode_s = time.perf_counter() - started
-    macs = sum(row.macs or 0 for row in step_costs(schedule, pipeline.manifest))
-    size = sum(p.stat().st_size for p in run.bundle.iterdir() if p.is_file())
-    return {"bundle": str(run.bundle), "schedule": schedule.name, "steps": len(schedule.steps),
+    initial = pipeline.initial_latents(seed, executor.first_latent_shape())
+    pipeline.generate(options, latents=initial, schedule=plan)  # warm-up
+    walls, graphs = [], []
+    for _ in range(repeats):
+        pipeline.reset_clock()
+        started = time.perf_counter()
+        generation = pipeline.generate(options, latents=initial, schedule=plan)
+        walls.append(time.perf_counter() - started)
+        graphs.append(pipeline.graph_seconds)
+    np.save(Path(save) / "initial.npy", initial)
+    np.save(Path(save) / "final.npy", generation.latents)
+    overheads = [(w - g) / w for w, g in zip(walls, graphs)]
+    return {"wall_s": float(np.median(walls)), "graph_s": float(np.median(graphs)),
+            "overhead_pct": 100 * float(np.median(overheads)), "walls_s": walls,
             "weights": "shared" if pipeline._pool is not None else "per-session",
-            "unet_graphs": len(executor.graph_names), "denoise_s": round(denoise_s, 3),
-            "end_to_end_s": round(encode_s + denoise_s + decode_s, 3), "unet_gmacs": round(macs / 1e9, 2),
-            "sessions_rss_mb": round(sessions_mb, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-            "bundle_mb": round(size / 2**20, 1)}
+            "unet_graphs": len(executor.graph_names), "sessions_rss_mb": sessions_mb, "peak_rss_mb": peak_rss_mb()}
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB."""
-    import resource
+def measure_diffusers(model: str, scheduler: str, steps: int, guidance: float, prompt: str, latents: str,
+                      height: int, width: int, repeats: int, save: str) -> dict:
+    """Time ``repeats`` plain diffusers generations from the initial latents in ``latents``."""
+    import torch
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from postdiff.exporter.models import load_model
+    from postdiff.exporter.reference import diffusers_generate
 
+    loaded = load_model(model)
+    initial = np.load(latents)
 
-def bench(runs: list[BenchRun], scheduler: str = "ddim", seed: int = 0) -> dict:
-    """Measure every run in a child process; speed-ups are relative to the first run."""
-    results = []
-    for run in runs:
-        if not (run.bundle / "manifest.json").is_file():
-            raise InputError(f"--run {run.bundle}: not a bundle (no manifest.json); export one first")
-        code = ("import json, sys; from pathlib import Path; from postdiff.tools.bench import BenchRun, measure; "
-                f"print(json.dumps(measure(BenchRun(Path({str(run.bundle)!r}), {run.schedule!r}, {run.weights!r}), "
-                f"{scheduler!r}, {seed})))")
-        child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-        if child.returncode != 0:
-            last = child.stderr.strip().splitlines()[-1:] or [f"killed by signal {-child.returncode} (out of memory?)"
-                                                              if child.returncode < 0 else f"exit {child.returncode}"]
-            raise InputError(f"benchmark of {run.bundle}:{run.schedule} failed: {last[0]}")
-        results.append(json.loads(child.stdout.strip().splitlines()[-1]))
-    reference = results[0]
-    for result in results:
-        measured = reference["denoise_s"] / result["denoise_s"]
-        predicted = reference["unet_gmacs"] / result["unet_gmacs"]
-        result.update(measured_speedup=round(measured, 3), predicted_speedup=round(predicted, 3),
-                      measured_over_predicted=round(measured / predicted, 3),
-                      rss_vs_reference=round(result["sessions_rss_mb"] / max(reference["sessions_rss_mb"], 1e-9), 3),
-                      size_vs_reference=round(result["bundle_mb"] / reference["bundle_mb"], 3))
-    return {"machine": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), "
-                       f"onnxruntime CPU", "scheduler": scheduler, "runs": results}
+    def generate() -> np.ndarray:
+        return diffusers_generate(loaded, scheduler, prompt, "", steps, guidance, initial, height, width)[0]
+
+    generate()  # warm-up
+    walls = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        final = generate()
+        walls.append(time.perf_counter() - started)
+    np.save(Path(save) / "final.npy", final)
+    return {"wall_s": float(np.median(walls)), "walls_s": walls, "torch_threads": torch.get_num_threads(),
+            "peak_rss_mb": peak_rss_mb()}
 
 
-def format_results(report: dict) -> str:
-    """The results as a fixed-width table."""
-    header = (f"{'bundle:schedule:weights':<42} {'graphs':>6} {'denoise s':>10} {'total s':>8} {'GMACs':>8} "
-              f"{'speed-up':>9} {'MAC pred.':>9} {'meas/pred':>9} {'RSS MB':>8} {'size MB':>8}")
-    lines = [f"machine: {report['machine']}; scheduler {report['scheduler']}", header]
-    for r in report["runs"]:
-        label = f"{Path(r['bundle']).name}:{r['schedule']}:{r['weights']}"
-        lines.append(f"{label:<42} {r['unet_graphs']:>6} {r['denoise_s']:>10.2f} {r['end_to_end_s']:>8.2f} "
-                     f"{r['unet_gmacs']:>8.1f} {r['measured_speedup']:>8.2f}x {r['predicted_speedup']:>8.2f}x "
-                     f"{r['measured_over_predicted']:>9.2f} {r['sessions_rss_mb']:>8.0f} {r['bundle_mb']:>8.0f}")
+def child_main(argv: list[str]) -> int:
+    """``python -m postdiff.tools.bench '{"kind": ..., ...}'``: measure one row, print it as JSON."""
+    spec = json.loads(argv[0])
+    kind = spec.pop("kind")
+    result = measure_runtime(**spec) if kind == "runtime" else measure_diffusers(**spec)
+    print(json.dumps(result))
+    return 0
+
+
+# --- parent side ---------------------------------------------------------------------------------------
+
+
+def run_child(label: str, spec: dict) -> dict:
+    """Run one row in a child process and return its result (InputError with the child's last line)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    child = subprocess.run([sys.executable, "-m", "postdiff.tools.bench", json.dumps(spec)], capture_output=True,
+                           text=True, env=env)
+    if child.returncode != 0:
+        tail = child.stderr.strip().splitlines()[-1:]
+        why = tail[0] if tail else (f"killed by signal {-child.returncode} (out of memory?)" if child.returncode < 0
+                                    else f"exit status {child.returncode}")
+        raise InputError(f"bench row {label} failed: {why}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def default_prompt(manifest: Manifest) -> str:
+    """The first label of a label-conditioned model, else an SD prompt."""
+    return manifest.tokenizer.labels[0] if manifest.tokenizer.kind == "labels" else SD_PROMPT
+
+
+def check_options(options: BenchOptions) -> None:
+    """Reject bad numbers and modes before anything runs."""
+    if isinstance(options.repeats, bool) or not isinstance(options.repeats, int) or options.repeats < 1:
+        raise InputError(f"--repeats {options.repeats} is below 1; time at least one generation per row (default 3)")
+    if options.weights not in WEIGHT_MODES:
+        raise InputError(f"--weights '{options.weights}' is not one of {list(WEIGHT_MODES)}")
+    if options.bundle is None and options.model is None:
+        raise InputError("nothing to benchmark: give --model MODEL (exported to a temporary bundle) and/or "
+                         "--bundle DIR (used if it exists, else --model is exported there)")
+
+
+def prepare_bundle(options: BenchOptions, scratch: Path, schedules: list[str], progress: bool) -> Path:
+    """The bundle to time: ``options.bundle`` if it exists, else a new export of ``options.model``."""
+    if options.bundle is not None and (options.bundle / MANIFEST_NAME).is_file():
+        return options.bundle
+    if options.bundle is not None and options.bundle.exists():
+        raise InputError(f"--bundle {options.bundle} exists but is not a bundle (no {MANIFEST_NAME}); remove it "
+                         "or name a folder that does not exist yet, which --model is then exported to")
+    if options.model is None:
+        raise InputError(f"--bundle {options.bundle} does not exist; pass --model MODEL to export it there")
+    from postdiff.exporter.export import ExportOptions, export_bundle
+
+    out = options.bundle if options.bundle is not None else scratch / "bundle"
+    export_bundle(ExportOptions(source=options.model, out=out, resolution=options.resolution,
+                                schedules=tuple(schedules)), progress=progress)
+    return out
+
+
+def diffusers_source(options: BenchOptions, manifest: Manifest) -> str:
+    """The model diffusers loads: ``--model``, or the bundle's built-in source; it must be the bundle's."""
+    from postdiff.exporter.export import source_id
+    from postdiff.exporter.models import BUILTIN_SPECS
+
+    if options.model is None:
+        if manifest.model.source not in BUILTIN_SPECS:
+            raise InputError(f"the bundle was exported from the folder '{manifest.model.source}'; pass --model with "
+                             "its path to time diffusers, or --no-diffusers")
+        return manifest.model.source
+    if source_id(options.model) != manifest.model.source:
+        raise InputError(f"--model {options.model} is not the model the bundle was exported from "
+                         f"('{manifest.model.source}'); pass that model, or --no-diffusers")
+    return options.model
+
+
+def bench(options: BenchOptions, progress: bool = True) -> dict:
+    """Measure every row (see the module docstring) and return the report."""
+    check_options(options)
+    names = [BASELINE] + [s for s in options.schedules if s != BASELINE]
+    plans = {name: resolve_schedule(name) for name in names}  # ScheduleError for a bad name, before any export
+    with tempfile.TemporaryDirectory(prefix="postdiff-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        bundle = prepare_bundle(options, scratch, names, progress)
+        manifest = load_manifest(bundle, verify=True)  # the children skip the sha256 check
+        for plan in plans.values():
+            required_graphs(manifest, plan)  # ScheduleError naming the graphs the bundle lacks
+        model = diffusers_source(options, manifest) if options.diffusers else None
+        prompt = options.prompt if options.prompt is not None else default_prompt(manifest)
+        profile = load_device_profile(options.device) if options.device is not None else None
+        rows: dict[str, dict] = {}
+        labels = [f"runtime:{BASELINE}"] + (["diffusers:baseline"] if model else []) + \
+                 [f"runtime:{name}" for name in names[1:]]
+        bar = tqdm(labels, desc="bench", unit="row", disable=not progress)
+        for label in bar:
+            bar.set_postfix_str(label)
+            save = scratch / label.replace(":", "-")
+            save.mkdir()
+            kind, name = label.split(":")
+            if kind == "runtime":
+                row = run_child(label, {"kind": "runtime", "bundle": str(bundle), "schedule": name,
+                                        "scheduler": options.scheduler, "seed": options.seed,
+                                        "repeats": options.repeats, "weights": options.weights, "prompt": prompt,
+                                        "save": str(save)})
+                row["unet_gmacs"] = sum(c.macs or 0 for c in step_costs(plans[name], manifest)) / 1e9
+                if profile is not None:
+                    row["predicted_ms"] = predict_ms(profile, manifest, plans[name], options.scheduler)
+            else:
+                row = run_child(label, {"kind": "diffusers", "model": model, "scheduler": options.scheduler,
+                                        "steps": len(plans[BASELINE].steps),
+                                        "guidance": manifest.model.default_guidance, "prompt": prompt,
+                                        "latents": str(scratch / f"runtime-{BASELINE}" / "initial.npy"),
+                                        "height": manifest.model.height, "width": manifest.model.width,
+                                        "repeats": options.repeats, "save": str(save)})
+            row["final"] = np.load(save / "final.npy")
+            rows[label] = row
+        bar.close()
+    return _report(options, bundle if options.bundle is not None else None, manifest, rows, prompt)
+
+
+def _report(options: BenchOptions, bundle: Path | None, manifest: Manifest, rows: dict[str, dict],
+            prompt: str) -> dict:
+    """Ratios against the runtime baseline and diffusers; the final-latent difference of the two."""
+    import onnxruntime as ort
+
+    base = rows[f"runtime:{BASELINE}"]
+    theirs = rows.get("diffusers:baseline")
+    report_rows = []
+    for label, row in rows.items():
+        final = row.pop("final")
+        out = {"row": label, **{k: _round(v) for k, v in row.items()},
+               "speedup_vs_baseline": round(base["wall_s"] / row["wall_s"], 3)}
+        if theirs is not None:
+            out["speedup_vs_diffusers"] = round(theirs["wall_s"] / row["wall_s"], 3)
+        if "unet_gmacs" in row:
+            out["mac_predicted_speedup"] = round(base["unet_gmacs"] / row["unet_gmacs"], 3)
+        if label == f"runtime:{BASELINE}" and theirs is not None:
+            out["max_abs_diff_vs_diffusers"] = float(np.max(np.abs(final - theirs["final"])))
+        report_rows.append(out)
+    report_rows.sort(key=lambda r: (not r["row"].startswith("diffusers"), r["row"] != f"runtime:{BASELINE}"))
+    return {"machine": f"{cpu_model()} ({os.cpu_count()} cores), {platform.system()}",
+            "onnxruntime": ort.__version__, "model": manifest.model.source,
+            "resolution": f"{manifest.model.height}x{manifest.model.width}", "bundle": str(bundle) if bundle else None,
+            "scheduler": options.scheduler, "prompt": prompt, "seed": options.seed, "repeats": options.repeats,
+            "rows": report_rows}
+
+
+def _round(value):
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, list):
+        return [_round(v) for v in value]
+    return value
+
+
+def format_report(report: dict) -> str:
+    """The report as a fixed-width table."""
+    columns = (("wall s", "wall_s", "{:.3f}"), ("graphs s", "graph_s", "{:.3f}"),
+               ("overhead", "overhead_pct", "{:.2f}%"), ("vs base", "speedup_vs_baseline", "{:.2f}x"),
+               ("vs diff.", "speedup_vs_diffusers", "{:.2f}x"), ("MAC pred.", "mac_predicted_speedup", "{:.2f}x"),
+               ("pred. s", "predicted_ms", "{:.3f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"))
+    lines = [f"{report['model']} {report['resolution']}, {report['scheduler']}, prompt {report['prompt']!r}, "
+             f"median of {report['repeats']}; {report['machine']}, onnxruntime {report['onnxruntime']}",
+             f"{'row':<28}" + "".join(f" {title:>11}" for title, _, _ in columns)]
+    for r in report["rows"]:
+        cells = []
+        for _, key, fmt in columns:
+            value = r.get(key)
+            value = value / 1e3 if key == "predicted_ms" and value is not None else value
+            cells.append(f" {'-' if value is None else fmt.format(value):>11}")
+        lines.append(f"{r['row']:<28}" + "".join(cells))
+    lines += [f"{r['row']} vs diffusers: final latents max abs diff {r['max_abs_diff_vs_diffusers']:.2e}"
+              for r in report["rows"] if "max_abs_diff_vs_diffusers" in r]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(child_main(sys.argv[1:]))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,12 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# `python tools/<script>.py` puts tools/ first on sys.path, where tools/profile.py would shadow the
-# standard library's `profile` (imported by torch._dynamo): import through the repository root.
-_TOOLS = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _TOOLS]
-sys.path.insert(0, os.path.dirname(_TOOLS))
-from tools.digits_data import load_split  # noqa: E402
+from postdiff.tools.digits_data import load_split
 
 FEATURE_DIM = 128
 

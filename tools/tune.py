@@ -7,7 +7,7 @@ on one device, empirically:
    *cheaper steps*). Candidates whose UNet graphs the bundle lacks are dropped and counted (export
    with ``--tuning-space`` to have them all); the plain 20-step baseline must be there.
 2. **Prediction.** Every remaining candidate's latency is predicted from the device profile
-   (:func:`postdiff.tools.profile.predict_ms`) -- on the device, not on this machine. The budget is
+   (:func:`postdiff.tools.profiler.predict_ms`) -- on the device, not on this machine. The budget is
    ``--budget-ms``, or the baseline's predicted latency divided by ``--speedup``. Cheaper-steps
    candidates that an extra lever does not make faster are dropped
    (:func:`postdiff.profiles.tuning.prune_dominated`).
@@ -65,7 +65,7 @@ from postdiff.runtime.pipeline import Pipeline
 from postdiff.runtime.schedule import Schedule
 from postdiff.runtime.schedulers import SCHEDULERS
 from postdiff.tools.evaluate import DigitJudge, Request, SampleSet, fidelity, generate_set, requests_for
-from postdiff.tools.profile import manifest_digest, predict_ms
+from postdiff.tools.profiler import manifest_digest, predict_ms
 
 DIGIT_LABELS = tuple(str(i) for i in range(10))  # the rule of tools/demo.py: judged by the digit classifier
 CACHE_NAME = "tune-cache.jsonl"
@@ -83,7 +83,7 @@ class TuneOptions:
     out: Path  # chosen schedule JSON; frontier.json and frontier.png go beside it
     budget_ms: float | None = None
     speedup: float | None = None  # budget = predicted baseline latency / speedup
-    calib: int = 32  # calibration requests per candidate
+    calib: int = 128  # calibration requests per candidate
     workers: int | None = None  # processes measuring fidelity; None: os.cpu_count()
     scheduler: str = "ddim"
     timing_runs: int = 5  # timed generations per candidate for measured_ms (after one warm-up)

@@ -217,7 +217,18 @@ def gpu_memory_mb() -> float | None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB."""
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: ``VmHWM`` of /proc/self/status -- unlike ``ru_maxrss``, it does not carry over the
+    parent's size into a child started by fork + exec. Elsewhere: ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 

@@ -1,0 +1,80 @@
+"""`postdiff bench`: diffusers vs the runtime and baseline vs schedules, each row in its own process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from postdiff.cli import main
+from postdiff.runtime.errors import InputError, ScheduleError
+from postdiff.runtime.jsonio import write_json_atomic
+from postdiff.tools.bench import BenchOptions, bench, format_report
+from postdiff.tools.profiler import profile_bundle
+
+
+@pytest.fixture(scope="module")
+def report(tiny_postdiff_bundle: Path) -> dict:
+    return bench(BenchOptions(bundle=tiny_postdiff_bundle, schedules=("postdiff-sd15",), repeats=2), progress=False)
+
+
+def test_rows_compare_diffusers_baseline_and_schedule(report: dict) -> None:
+    rows = {r["row"]: r for r in report["rows"]}
+    assert list(rows) == ["diffusers:baseline", "runtime:baseline", "runtime:postdiff-sd15"]
+    base, fast, theirs = rows["runtime:baseline"], rows["runtime:postdiff-sd15"], rows["diffusers:baseline"]
+    # the speed figure comes with the parity figure: same latents in, same latents out
+    assert base["max_abs_diff_vs_diffusers"] <= 1e-4
+    assert base["speedup_vs_baseline"] == 1.0 and base["mac_predicted_speedup"] == 1.0
+    assert fast["mac_predicted_speedup"] > 2  # the preset's MAC saving on the tiny model
+    for row in (base, fast):
+        assert len(row["walls_s"]) == 2
+        assert 0 < row["graph_s"] <= row["wall_s"]
+        assert 0 <= row["overhead_pct"] < 100
+        assert row["speedup_vs_diffusers"] == pytest.approx(theirs["wall_s"] / row["wall_s"], rel=1e-2)
+    # peak memory is each child's own: the torch row is heavier than the torch-free ones, and none
+    # inherits this (torch-laden) test process's size
+    assert max(base["peak_rss_mb"], fast["peak_rss_mb"]) < theirs["peak_rss_mb"]
+
+
+def test_report_table_names_every_row(report: dict) -> None:
+    table = format_report(report)
+    for row in report["rows"]:
+        assert row["row"] in table
+    assert "max abs diff" in table
+
+
+def test_cli_without_diffusers_with_device_profile(capsys, tiny_bundle: Path, tmp_path: Path) -> None:
+    device = tmp_path / "device.json"
+    write_json_atomic(device, profile_bundle(tiny_bundle, repeats=1, warmup=0, progress=False))
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--bundle", str(tiny_bundle), "--schedule", "fewer-steps", "--no-diffusers",
+                        "--repeats", "1", "--device", str(device), "--json", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["runtime:baseline", "runtime:fewer-steps"]
+    assert rows["runtime:fewer-steps"]["predicted_ms"] < rows["runtime:baseline"]["predicted_ms"]
+    assert "speedup_vs_diffusers" not in rows["runtime:baseline"]
+
+
+@pytest.mark.parametrize("options, error, words", [
+    (BenchOptions(), InputError, "nothing to benchmark"),
+    (BenchOptions(model="random:tiny-sd", repeats=0), InputError, "--repeats 0"),
+    (BenchOptions(model="random:tiny-sd", weights="both"), InputError, "--weights 'both'"),
+    (BenchOptions(model="random:tiny-sd", schedules=("no-such-preset",)), ScheduleError, "no-such-preset"),
+])
+def test_bad_options_fail_before_any_work(options: BenchOptions, error: type, words: str) -> None:
+    with pytest.raises(error, match=words):
+        bench(options, progress=False)
+
+
+def test_bundle_problems_are_named(tiny_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(ScheduleError, match="lacks"):  # the plain bundle has no postdiff graphs
+        bench(BenchOptions(bundle=tiny_bundle, schedules=("postdiff-sd15",), diffusers=False), progress=False)
+    with pytest.raises(InputError, match="not the model the bundle was exported from"):
+        bench(BenchOptions(model="digits", bundle=tiny_bundle, schedules=()), progress=False)
+    with pytest.raises(InputError, match="does not exist; pass --model"):
+        bench(BenchOptions(bundle=tmp_path / "absent"), progress=False)
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(InputError, match="not a bundle"):
+        bench(BenchOptions(bundle=tmp_path / "junk"), progress=False)
