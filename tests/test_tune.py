@@ -159,6 +159,12 @@ def test_tune_end_to_end_then_resume(tiny_postdiff_bundle: Path, device: Path, t
         assert {"name", "family", "schedule", "predicted_ms", "measured_ms", "psnr_db", "ssim", "digit_fid",
                 "adherence", "on_frontier", "chosen"} <= set(p)
         assert p["predicted_ms"] > 0 and p["measured_ms"] > 0 and p["digit_fid"] is None
+        assert p["prediction_error"] == pytest.approx(p["predicted_ms"] / p["measured_ms"] - 1)
+    accuracy = frontier["prediction_accuracy"]
+    assert accuracy["all_worst"] == pytest.approx(max(abs(p["prediction_error"]) for p in points.values()))
+    assert accuracy["frontier_worst"] == pytest.approx(
+        max(abs(p["prediction_error"]) for p in points.values() if p["on_frontier"]))
+    assert accuracy["frontier_mean_abs"] <= accuracy["frontier_worst"]
     assert points["t20"]["psnr_db"] is None and points["t20"]["ssim"] == pytest.approx(1.0)
     chosen = [p for p in points.values() if p["chosen"]]
     assert len(chosen) == 1 and chosen[0]["name"] == report.chosen and chosen[0]["on_frontier"]
@@ -178,7 +184,7 @@ def test_tune_end_to_end_then_resume(tiny_postdiff_bundle: Path, device: Path, t
                           str(frontier["budget_ms"] * 0.9)))
     printed = capsys.readouterr().out
     assert code == 0 and "computed 0 fidelity and 0 latency results" in printed
-    assert "chose " in printed and "t20" in printed
+    assert "chose " in printed and "t20" in printed and "predicted vs measured latency: frontier worst" in printed
     assert (tmp_path / "tune-cache.jsonl").read_text().splitlines() == lines
 
 

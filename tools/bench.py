@@ -248,41 +248,41 @@ def diffusers_source(options: BenchOptions, manifest: Manifest) -> str:
 def bench(options: BenchOptions, progress: bool = True) -> dict:
     """Measure every row (see the module docstring) and return the report."""
     check_options(options)
-    names = [BASELINE] + [s for s in options.schedules if s != BASELINE]
-    plans = {name: resolve_schedule(name) for name in names}  # ScheduleError for a bad name, before any export
+    specs = [BASELINE] + [s for s in options.schedules if s != BASELINE]
+    plans = [resolve_schedule(spec) for spec in specs]  # ScheduleError for a bad name, before any export
+    profile = load_device_profile(options.device) if options.device is not None else None
     with tempfile.TemporaryDirectory(prefix="postdiff-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
-        bundle = prepare_bundle(options, scratch, names, progress)
+        bundle = prepare_bundle(options, scratch, specs, progress)
         manifest = load_manifest(bundle, verify=True)  # the children skip the sha256 check
-        for plan in plans.values():
+        for plan in plans:
             required_graphs(manifest, plan)  # ScheduleError naming the graphs the bundle lacks
+        predicted = [predict_ms(profile, manifest, plan, options.scheduler) for plan in plans] if profile else None
         model = diffusers_source(options, manifest) if options.diffusers else None
         prompt = options.prompt if options.prompt is not None else default_prompt(manifest)
-        profile = load_device_profile(options.device) if options.device is not None else None
+        # (label, index into plans or None for diffusers); diffusers starts from the baseline's latents
+        order = [(f"runtime:{BASELINE}", 0)] + ([("diffusers:baseline", None)] if model else []) + \
+                [(f"runtime:{plan.name}", i) for i, plan in enumerate(plans) if i > 0]
         rows: dict[str, dict] = {}
-        labels = [f"runtime:{BASELINE}"] + (["diffusers:baseline"] if model else []) + \
-                 [f"runtime:{name}" for name in names[1:]]
-        bar = tqdm(labels, desc="bench", unit="row", disable=not progress)
-        for label in bar:
+        bar = tqdm(order, desc="bench", unit="row", disable=not progress)
+        for number, (label, index) in enumerate(bar):
             bar.set_postfix_str(label)
-            save = scratch / label.replace(":", "-")
+            save = scratch / f"row{number}"
             save.mkdir()
-            kind, name = label.split(":")
-            if kind == "runtime":
-                row = run_child(label, {"kind": "runtime", "bundle": str(bundle), "schedule": name,
+            if index is None:
+                row = run_child(label, {"kind": "diffusers", "model": model, "scheduler": options.scheduler,
+                                        "steps": len(plans[0].steps), "guidance": manifest.model.default_guidance,
+                                        "prompt": prompt, "latents": str(scratch / "row0" / "initial.npy"),
+                                        "height": manifest.model.height, "width": manifest.model.width,
+                                        "repeats": options.repeats, "save": str(save)})
+            else:
+                row = run_child(label, {"kind": "runtime", "bundle": str(bundle), "schedule": specs[index],
                                         "scheduler": options.scheduler, "seed": options.seed,
                                         "repeats": options.repeats, "weights": options.weights, "prompt": prompt,
                                         "save": str(save)})
-                row["unet_gmacs"] = sum(c.macs or 0 for c in step_costs(plans[name], manifest)) / 1e9
-                if profile is not None:
-                    row["predicted_ms"] = predict_ms(profile, manifest, plans[name], options.scheduler)
-            else:
-                row = run_child(label, {"kind": "diffusers", "model": model, "scheduler": options.scheduler,
-                                        "steps": len(plans[BASELINE].steps),
-                                        "guidance": manifest.model.default_guidance, "prompt": prompt,
-                                        "latents": str(scratch / f"runtime-{BASELINE}" / "initial.npy"),
-                                        "height": manifest.model.height, "width": manifest.model.width,
-                                        "repeats": options.repeats, "save": str(save)})
+                row["unet_gmacs"] = sum(c.macs or 0 for c in step_costs(plans[index], manifest)) / 1e9
+                if predicted is not None:
+                    row["predicted_ms"] = predicted[index]
             row["final"] = np.load(save / "final.npy")
             rows[label] = row
         bar.close()
@@ -330,16 +330,17 @@ def format_report(report: dict) -> str:
                ("overhead", "overhead_pct", "{:.2f}%"), ("vs base", "speedup_vs_baseline", "{:.2f}x"),
                ("vs diff.", "speedup_vs_diffusers", "{:.2f}x"), ("MAC pred.", "mac_predicted_speedup", "{:.2f}x"),
                ("pred. s", "predicted_ms", "{:.3f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"))
+    width = max(len(r["row"]) for r in report["rows"])
     lines = [f"{report['model']} {report['resolution']}, {report['scheduler']}, prompt {report['prompt']!r}, "
              f"median of {report['repeats']}; {report['machine']}, onnxruntime {report['onnxruntime']}",
-             f"{'row':<28}" + "".join(f" {title:>11}" for title, _, _ in columns)]
+             f"{'row':<{width}}" + "".join(f" {title:>11}" for title, _, _ in columns)]
     for r in report["rows"]:
         cells = []
         for _, key, fmt in columns:
             value = r.get(key)
             value = value / 1e3 if key == "predicted_ms" and value is not None else value
             cells.append(f" {'-' if value is None else fmt.format(value):>11}")
-        lines.append(f"{r['row']:<28}" + "".join(cells))
+        lines.append(f"{r['row']:<{width}}" + "".join(cells))
     lines += [f"{r['row']} vs diffusers: final latents max abs diff {r['max_abs_diff_vs_diffusers']:.2e}"
               for r in report["rows"] if "max_abs_diff_vs_diffusers" in r]
     return "\n".join(lines)

@@ -34,7 +34,7 @@ class Request:
 
 @dataclass
 class SampleSet:
-    """The images one schedule produced for a list of requests, and the mean time per image."""
+    """The images one schedule produced for a list of requests, and the median time per image."""
 
     schedule: str
     images: list[np.ndarray]
@@ -51,16 +51,17 @@ def requests_for(pipeline: Pipeline, count: int, first_seed: int = 0) -> list[Re
 
 def generate_set(pipeline: Pipeline, schedule: Schedule, requests: list[Request], scheduler: str = "ddim",
                  progress: bool = True) -> SampleSet:
-    """Generate every request with ``schedule``; latency is the mean wall time of one generation."""
+    """Generate every request with ``schedule``; latency is the median wall time of one generation
+    (robust to a stray slow call, and the statistic a device profile predicts)."""
     guidance = pipeline.manifest.model.default_guidance
-    images, seconds = [], 0.0
+    images, seconds = [], []
     for request in tqdm(requests, desc=schedule.name, unit="img", disable=not progress, leave=False):
         options = GenerateOptions(prompt=request.prompt, seed=request.seed, steps=len(schedule.steps),
                                   guidance=guidance, scheduler=scheduler)
         started = time.perf_counter()
         images.append(pipeline.generate(options, schedule=schedule).image)
-        seconds += time.perf_counter() - started
-    return SampleSet(schedule.name, images, seconds / max(1, len(requests)))
+        seconds.append(time.perf_counter() - started)
+    return SampleSet(schedule.name, images, float(np.median(seconds)) if seconds else 0.0)
 
 
 class DigitJudge:

@@ -22,10 +22,10 @@ on one device, empirically:
    otherwise. Candidates are spread over ``--workers`` processes, each with its own pipeline and a
    share of the cores; workers get the baseline's images once and return numbers, never images.
 5. **Latency** of every measured candidate, *sequentially* in this process after the workers are
-   done (so uncontended), with ONNX Runtime's default threads as in the device profile: the mean
+   done (so uncontended), with ONNX Runtime's default threads as in the device profile: the median
    over ``timing_runs`` generations after one warm-up generation. This is ``measured_ms``; it is a
    check of the prediction when the tuner runs on the device itself, and only informative when it
-   runs elsewhere. (Each worker also records the mean wall time of its calibration generations,
+   runs elsewhere. (Each worker also records the median wall time of its calibration generations,
    ``calib_ms``; with several workers sharing the cores it is contended and not a latency figure.)
 6. **Choice.** The best fidelity among measured candidates *predicted* within the budget (the
    device profile is the authority on the device's latency), ties going to the faster one. The
@@ -71,6 +71,7 @@ DIGIT_LABELS = tuple(str(i) for i in range(10))  # the rule of tools/demo.py: ju
 CACHE_NAME = "tune-cache.jsonl"
 FRONTIER_JSON = "frontier.json"
 FRONTIER_PNG = "frontier.png"
+PREDICTION_TOLERANCE = 0.10  # the profile should predict a frontier point within 10% of its measured latency
 METRICS = {"digit_fid": "digit-FID (lower is better)", "psnr_db": "PSNR vs baseline, dB (higher is better)"}
 
 
@@ -131,9 +132,9 @@ def fidelity_key(schedule: Schedule, calib: int, scheduler: str, manifest_sha: s
 
 
 def latency_key(schedule: Schedule, runs: int, scheduler: str, manifest_sha: str) -> str:
-    """Cache key of a candidate's measured latency over ``runs`` timed generations."""
+    """Cache key of a candidate's measured latency: the median of ``runs`` timed generations."""
     return _key("latency", schedule=schedule_digest(schedule), runs=runs, scheduler=scheduler,
-                manifest=manifest_sha)
+                manifest=manifest_sha, statistic="median")
 
 
 class TuneCache:
@@ -190,7 +191,7 @@ class Evaluator:
 
     def evaluate(self, schedule: Schedule) -> dict:
         """{"psnr_db" (None when identical to the baseline), "ssim", "adherence", "digit_fid",
-        "calib_ms": mean wall time of one calibration generation in this process}."""
+        "calib_ms": median wall time of one calibration generation in this process}."""
         images = generate_set(self.pipeline, schedule, self.requests, self.scheduler, progress=False)
         scores = fidelity(images, self.reference, self.requests, self.judge)
         if scores["psnr_db"] is not None and math.isinf(scores["psnr_db"]):
@@ -289,7 +290,7 @@ def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Sc
 
 def measure_latency(bundle: Path, schedules: Sequence[Schedule], runs: int, scheduler: str = "ddim",
                     cache: TuneCache | None = None, progress: bool = True) -> tuple[dict[str, float], int]:
-    """Mean wall latency (ms) of one generation of each schedule, uncontended, cached.
+    """Median wall latency (ms) of one generation of each schedule, uncontended, cached.
 
     One warm-up generation (opens the sessions), then ``runs`` timed ones (seeds 0..runs-1).
 
@@ -470,6 +471,8 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     for p in points:
         p["on_frontier"] = p["name"] in front
         p["chosen"] = p["name"] == chosen["name"]
+        p["prediction_error"] = p["predicted_ms"] / p["measured_ms"] - 1.0
+    accuracy = prediction_accuracy(points)
 
     notes = []
     if missing:
@@ -483,6 +486,10 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
                      f"(budget x {1 + options.slack:g})")
     if cache.torn:
         notes.append(f"{cache.torn} unreadable line(s) in {cache_path} skipped (a run killed mid-write)")
+    if accuracy["frontier_worst"] > PREDICTION_TOLERANCE:
+        notes.append(f"the device profile mispredicts a frontier point by {accuracy['frontier_worst']:.0%} (more "
+                     f"than {PREDICTION_TOLERANCE:.0%}): re-run `postdiff profile` on this device under the load it "
+                     "will generate under")
     if workers > 1 and fidelity_computed:
         notes.append("calib_ms was measured while workers shared the cores (contended); measured_ms was "
                      "measured afterwards, one candidate at a time")
@@ -494,7 +501,7 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
                    "provider": profile.machine.provider},
         "scheduler": options.scheduler, "calib": options.calib, "timing_runs": options.timing_runs,
         "baseline": baseline.name, "baseline_predicted_ms": baseline_ms, "chosen": chosen["name"],
-        "points": points,
+        "prediction_accuracy": accuracy, "points": points,
         "skipped": {"missing_graphs": missing, "dominated": dominated, "not_measured": unmeasured},
     }
     schedule = replace(built[chosen["name"]], description=(
@@ -512,6 +519,18 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
                       latency_computed=latency_computed, notes=notes)
 
 
+def prediction_accuracy(points: list[dict]) -> dict[str, float]:
+    """Largest and mean |predicted / measured - 1| over the frontier points and over all measured points."""
+    def summary(errors: list[float]) -> tuple[float, float]:
+        magnitudes = [abs(e) for e in errors]
+        return (max(magnitudes), sum(magnitudes) / len(magnitudes)) if magnitudes else (0.0, 0.0)
+
+    frontier_worst, frontier_mean = summary([p["prediction_error"] for p in points if p["on_frontier"]])
+    all_worst, all_mean = summary([p["prediction_error"] for p in points])
+    return {"frontier_worst": frontier_worst, "frontier_mean_abs": frontier_mean, "all_worst": all_worst,
+            "all_mean_abs": all_mean}
+
+
 # --- Output ------------------------------------------------------------------------------------
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -524,14 +543,18 @@ def format_summary(report: TuneReport) -> str:
     lines = [f"{f['bundle']['source']} on {f['device']['cpu'] or f['device']['profile']}: budget "
              f"{f['budget_ms']:.1f} ms (baseline {f['baseline']} predicted {f['baseline_predicted_ms']:.1f} ms), "
              f"{f['calib']} calibration samples, {f['scheduler']}; fidelity = {f['metric_label']}",
-             f"{'candidate':<36} {'family':<13} {'pred ms':>8} {'meas ms':>8} {'digit-FID':>9} {'adher.':>6} "
+             f"{'candidate':<36} {'family':<13} {'pred ms':>8} {'meas ms':>8} {'error':>6} {'digit-FID':>9} {'adher.':>6} "
              f"{'PSNR dB':>7} {'SSIM':>6}  mark"]
     for p in f["points"]:
         mark = ("chosen " if p["chosen"] else "") + ("frontier" if p["on_frontier"] else "")
         mark += " (baseline)" if p["baseline"] else ""
-        lines.append(f"{p['name']:<36} {p['family']:<13} {p['predicted_ms']:>8.1f} {p['measured_ms']:>8.1f} "
+        lines.append(f"{p['name']:<36} {p['family']:<13} {p['predicted_ms']:>8.1f} {p['measured_ms']:>8.1f} {p['prediction_error']:>+6.0%} "
                      f"{_fmt(p['digit_fid'], '.2f'):>9} {_fmt(p['adherence'], '.0%'):>6} "
                      f"{_fmt(p['psnr_db'], '.1f'):>7} {_fmt(p['ssim'], '.3f'):>6}  {mark.strip()}")
+    a = f["prediction_accuracy"]
+    lines.append(f"predicted vs measured latency: frontier worst {a['frontier_worst']:.1%}, mean "
+                 f"{a['frontier_mean_abs']:.1%}; all {len(f['points'])} measured: worst {a['all_worst']:.1%}, mean "
+                 f"{a['all_mean_abs']:.1%}")
     lines += report.notes
     lines.append(f"computed {report.fidelity_computed} fidelity and {report.latency_computed} latency results "
                  f"(the rest from {report.cache_path})")
