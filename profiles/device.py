@@ -20,6 +20,8 @@ Schema (all times in milliseconds, wall clock, warm-up calls excluded)::
                                                      #   graphs: each call follows another graph's call
       "scheduler_step": {SCHEDULER: {"HxW": TIMING}},# per scheduler, per UNet latent size
       "switch": {"hxw->HxW": TIMING},                # resolution switch, every increasing size pair
+      "step_after_graph": {"HxW": TIMING},           # the DDIM step again, each call right after a UNet
+                                                     #   graph call at that size (cold caches; optional)
       "peak_rss_mb": 512.0,                          # peak resident set of the profiling process
       "peak_gpu_mb": null                            # peak GPU memory of the process, when measurable
     }
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from postdiff.runtime.errors import InputError
@@ -96,6 +98,10 @@ class DeviceProfile:
     switch: dict[str, Timing]
     peak_rss_mb: float
     peak_gpu_mb: float | None = None
+    # The DDIM step timed right after a call of a UNet graph at that latent size, as in generation.
+    # On CPUs it costs more than in scheduler_step's tight loop: the graph's data has pushed the
+    # runtime's out of the caches. Profiles written before it existed lack it (and predict without it).
+    step_after_graph: dict[str, Timing] = field(default_factory=dict)
 
 
 def size_key(latent: tuple[int, int]) -> str:
@@ -146,6 +152,10 @@ def validate_device_profile(profile: DeviceProfile, where: str = "device profile
             if not _SIZE.match(size):
                 raise InputError(f"{where}: scheduler_step.{scheduler} key '{size}' is not HxW; {fix}")
             timings.append((f"scheduler_step.{scheduler}.{size}", timing))
+    for size, timing in profile.step_after_graph.items():
+        if not _SIZE.match(size):
+            raise InputError(f"{where}: step_after_graph key '{size}' is not HxW; {fix}")
+        timings.append((f"step_after_graph.{size}", timing))
     for pair, timing in profile.switch.items():
         if not _PAIR.match(pair):
             raise InputError(f"{where}: switch key '{pair}' is not hxw->HxW; {fix}")

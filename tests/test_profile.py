@@ -38,6 +38,11 @@ def test_profile_times_every_graph_size_and_switch(profile: DeviceProfile, tiny_
     for sizes in profile.scheduler_step.values():
         assert set(sizes) == {"8x8", "12x12", "16x16"}
     assert set(profile.switch) == {"8x8->12x12", "8x8->16x16", "12x12->16x16"}
+    assert set(profile.step_after_graph) == {"8x8", "12x12", "16x16"}
+    # every UNet graph of a size is followed by one timed step per round: 3 rounds x its graphs
+    unets = [g.variant for g in manifest.graphs.values() if g.variant is not None]
+    for size, timing in profile.step_after_graph.items():
+        assert timing.repeats == 3 * sum(1 for v in unets if "x".join(map(str, v.latent)) == size)
     for timing in [*profile.graphs.values(), *profile.interleaved.values(), *profile.switch.values()]:
         assert timing.repeats == 3
         assert 0 < timing.min_ms <= timing.p10_ms <= timing.median_ms <= timing.p90_ms
@@ -62,6 +67,7 @@ def test_schema_round_trip(profile: DeviceProfile, tmp_path: Path) -> None:
     (lambda d: d.update(weights="mmap"), "weights 'mmap'"),
     (lambda d: d["graphs"]["text_encoder"].update(repeats=0), "repeats 0"),
     (lambda d: d["interleaved"].pop("vae_decoder"), "the same graphs"),
+    (lambda d: d["step_after_graph"].update({"16": d["step_after_graph"]["16x16"]}), "key '16' is not HxW"),
 ])
 def test_malformed_profiles_are_rejected(profile: DeviceProfile, tmp_path: Path, edit, message: str) -> None:
     data = json.loads(dump_device_profile(profile))
@@ -92,6 +98,17 @@ def test_prediction_tracks_measured_generation(profile: DeviceProfile, tiny_post
         predicted += ms
         measured += sorted(runs)[1] * 1e3
     assert 0.5 <= measured / predicted <= 2.0, (measured, predicted)
+
+
+def test_prediction_adds_the_cold_step_cost(profile: DeviceProfile, tiny_postdiff_bundle: Path) -> None:
+    """A step right after a graph call costs its ``step_after_graph`` time, not the tight-loop one."""
+    manifest = load_manifest(tiny_postdiff_bundle, verify=False)
+    schedule = resolve_schedule("baseline")
+    warm = profile.scheduler_step["ddim"]["16x16"].median_ms
+    slower = dataclasses.replace(profile.step_after_graph["16x16"], median_ms=warm + 1.0, p90_ms=warm + 2.0)
+    cold = dataclasses.replace(profile, step_after_graph={**profile.step_after_graph, "16x16": slower})
+    old = dataclasses.replace(profile, step_after_graph={})  # a profile from before the field existed
+    assert predict_ms(cold, manifest, schedule) - predict_ms(old, manifest, schedule) == pytest.approx(20 * 1.0)
 
 
 def test_graph_calls_follow_the_schedule(tiny_postdiff_bundle: Path) -> None:

@@ -42,7 +42,8 @@ from postdiff.runtime.schedulers import SCHEDULERS, make_scheduler
 PROFILE_TIMESTEP = 500
 #: Guidance scale used when timing the guidance combine (its value does not change the cost).
 _GUIDANCE = np.float32(7.5)
-#: The scheduler the resolution switch is timed with (predict_x0/add_noise cost the same in all three).
+#: The scheduler the resolution switch and the step after a graph call are timed with (their numpy
+#: work costs about the same in all three).
 SWITCH_SCHEDULER = "ddim"
 
 
@@ -102,33 +103,43 @@ def switch_pairs(sizes: list[tuple[int, int]]) -> list[tuple[tuple[int, int], tu
 
 
 def _time_interleaved(pipeline: Pipeline, names: list[str], feeds: dict[str, dict[str, np.ndarray]], repeats: int,
-                      warmup: int) -> dict[str, Timing]:
+                      warmup: int, after: dict[str, Callable[[int], None]]
+                      ) -> tuple[dict[str, Timing], dict[str, list[float]]]:
     """Time every graph in round-robin order: ``warmup`` untimed rounds, then ``repeats`` timed ones.
     Each call follows another graph's call, as when a schedule alternates graphs (with one graph,
-    this is the back-to-back timing again)."""
+    this is the back-to-back timing again). Right after each call of a graph named in ``after``, its
+    operation is timed too; those samples come back by graph name."""
     samples: dict[str, list[float]] = {name: [] for name in names}
+    after_samples: dict[str, list[float]] = {name: [] for name in after}
+    call = 0
     for round_index in range(warmup + repeats):
         for name in names:
             runner = pipeline.runner(name)
             started = time.perf_counter()
             runner.infer(feeds[name])
             elapsed = time.perf_counter() - started
+            if name in after:
+                started = time.perf_counter()
+                after[name](call)
+                call += 1
+                if round_index >= warmup:
+                    after_samples[name].append(time.perf_counter() - started)
             if round_index >= warmup:
                 samples[name].append(elapsed)
-    return {name: summarize(values) for name, values in samples.items()}
+    return {name: summarize(values) for name, values in samples.items()}, after_samples
 
 
 def _max_or_none(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else max(a, b)
 
 
-def _time_scheduler_step(name: str, manifest: Manifest, size: tuple[int, int], repeats: int, warmup: int,
-                         rng: np.random.Generator) -> Timing:
-    """One executor step at latent ``size``: duplicate the latent for guidance, scale the model input,
-    combine the guided prediction, step (batch 2 in, one latent out, as with guidance on)."""
+def _scheduler_step(name: str, manifest: Manifest, size: tuple[int, int], calls: int,
+                    rng: np.random.Generator) -> Callable[[int], None]:
+    """One executor step at latent ``size`` as a call ``step(i)``: duplicate the latent for guidance,
+    scale the model input, combine the guided prediction, step (batch 2 in, one latent out, as with
+    guidance on); ``i`` walks the timesteps of a ``calls``-step schedule."""
     scheduler = make_scheduler(name, manifest.scheduler)
-    calls = warmup + repeats
-    scheduler.set_timesteps(min(calls, scheduler.num_train_timesteps))
+    scheduler.set_timesteps(min(max(calls, 1), scheduler.num_train_timesteps))
     timesteps = scheduler.timesteps
     shape = (1, manifest.model.latent_channels, *size)
     x = rng.standard_normal(shape, dtype=np.float32)
@@ -142,7 +153,7 @@ def _time_scheduler_step(name: str, manifest: Manifest, size: tuple[int, int], r
         uncond, cond = prediction[:1], prediction[1:]
         scheduler.step(uncond + _GUIDANCE * (cond - uncond), t, x)
 
-    return time_calls(step, repeats, warmup)
+    return step
 
 
 def _time_switch(manifest: Manifest, low: tuple[int, int], high: tuple[int, int], repeats: int, warmup: int,
@@ -287,14 +298,20 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
         peak_gpu = _max_or_none(peak_gpu, gpu_memory_mb() if provider != "cpu" else None)
         bar.update()
     bar.set_postfix_str("all graphs, round-robin")
-    interleaved = _time_interleaved(pipeline, names, feeds, repeats, warmup)
+    unet_size = {name: tuple(spec.variant.latent) for name, spec in manifest.graphs.items() if spec.variant}
+    cold_steps = {size: _scheduler_step(SWITCH_SCHEDULER, manifest, size, len(names) * (warmup + repeats), rng)
+                  for size in sizes}
+    interleaved, after = _time_interleaved(pipeline, names, feeds, repeats, warmup,
+                                           {name: cold_steps[size] for name, size in unet_size.items()})
+    step_after_graph = {size_key(size): summarize([s for name, values in after.items() if unet_size[name] == size
+                                                   for s in values]) for size in sizes}
     bar.update()
     scheduler_step: dict[str, dict[str, Timing]] = {}
     for scheduler in SCHEDULERS:
         for size in sizes:
             bar.set_postfix_str(f"{scheduler} step {size_key(size)}")
-            timing = _time_scheduler_step(scheduler, manifest, size, repeats, warmup, rng)
-            scheduler_step.setdefault(scheduler, {})[size_key(size)] = timing
+            step = _scheduler_step(scheduler, manifest, size, warmup + repeats, rng)
+            scheduler_step.setdefault(scheduler, {})[size_key(size)] = time_calls(step, repeats, warmup)
             bar.update()
     switch: dict[str, Timing] = {}
     for low, high in pairs:
@@ -314,6 +331,7 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
         interleaved=interleaved,
         scheduler_step=scheduler_step,
         switch=switch,
+        step_after_graph=step_after_graph,
         peak_rss_mb=round(peak_rss_mb(), 1),
         peak_gpu_mb=None if peak_gpu is None else round(peak_gpu, 1),
     )
@@ -344,8 +362,10 @@ def predict_ms(profile: DeviceProfile, manifest: Manifest, schedule: Schedule, s
     when the call repeats the previous call's graph, the round-robin one (``interleaved``) when it
     follows another graph (the first call follows the previous generation's decoder). The text
     encoder counts twice: the runtime encodes the prompt and the negative prompt whenever guidance
-    is on. Plus one scheduler step per step at that step's latent size and the numpy part of each
-    resolution switch. Tokenizing, the initial noise and image conversion are not counted.
+    is on. Plus one scheduler step per step at that step's latent size, with the extra cost of a
+    step taken right after a graph call (``step_after_graph`` minus the tight-loop DDIM step, when
+    the profile has it), and the numpy part of each resolution switch. Tokenizing, the initial noise
+    and image conversion are not counted.
 
     Raises:
         InputError: the profile was measured on another bundle, or lacks a graph, scheduler or
@@ -381,8 +401,18 @@ def predict_ms(profile: DeviceProfile, manifest: Manifest, schedule: Schedule, s
         if plan.switch_from is not None:
             source = concrete(manifest, plan.switch_from)
             total += lookup(profile.switch, switch_key(source.latent, target.latent), "switch")
-        total += lookup(steps, size_key(target.latent), f"{scheduler} scheduler_step")
+        size = size_key(target.latent)
+        total += lookup(steps, size, f"{scheduler} scheduler_step") + cold_step_extra(profile, size)
     return total
+
+
+def cold_step_extra(profile: DeviceProfile, size: str) -> float:
+    """How much longer (ms) a step at latent ``size`` takes right after a graph call than in a tight
+    loop: ``step_after_graph`` minus the DDIM ``scheduler_step`` (0 for profiles without it)."""
+    if size not in profile.step_after_graph:
+        return 0.0
+    warm = profile.scheduler_step.get(SWITCH_SCHEDULER, {}).get(size)
+    return max(0.0, profile.step_after_graph[size].median_ms - (warm.median_ms if warm else 0.0))
 
 
 def format_profile(profile: DeviceProfile) -> str:
@@ -401,4 +431,6 @@ def format_profile(profile: DeviceProfile) -> str:
     lines += [row(f"step {name} {size}", t) for name, sizes in sorted(profile.scheduler_step.items())
               for size, t in sorted(sizes.items())]
     lines += [row(f"switch {pair}", t) for pair, t in sorted(profile.switch.items())]
+    lines += [row(f"step {SWITCH_SCHEDULER} {size}, right after a graph", t)
+              for size, t in sorted(profile.step_after_graph.items())]
     return "\n".join(lines)
