@@ -108,14 +108,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     """Time diffusers against the runtime on the 20-step baseline, and the runtime's baseline against
     faster schedules, in one run on this machine: median wall time, time inside graphs, the runtime's
     own overhead, speed-ups, peak memory per row, and the final-latent difference from diffusers."""
-    from postdiff.exporter.export import parse_resolution
     from postdiff.runtime.jsonio import write_json_atomic
     from postdiff.tools.bench import BenchOptions, bench, format_report
 
+    resolution = None
+    if args.resolution:  # the exporter (and torch) only when there is something to export
+        from postdiff.exporter.export import parse_resolution
+
+        resolution = parse_resolution(args.resolution)
     options = BenchOptions(
         model=args.model, bundle=Path(args.bundle) if args.bundle else None,
-        schedules=tuple(args.schedule or ("postdiff-sd15",)),
-        resolution=parse_resolution(args.resolution) if args.resolution else None, scheduler=args.scheduler,
+        schedules=tuple(args.schedule or ("postdiff-sd15",)), resolution=resolution, scheduler=args.scheduler,
         seed=args.seed, repeats=args.repeats, weights=args.weights, diffusers=not args.no_diffusers,
         device=Path(args.device) if args.device else None, prompt=args.prompt)
     report = bench(options, progress=not args.quiet)

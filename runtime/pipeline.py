@@ -86,6 +86,11 @@ class Pipeline:
             self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads)
         return self._runners[name]
 
+    @property
+    def weights_mode(self) -> str:
+        """How the UNet sessions hold their weights: "shared" (one in-memory copy) or "per-session"."""
+        return "shared" if self._pool is not None else "per-session"
+
     def load_all(self) -> None:
         """Open a session for every graph now (benchmarks exclude this from their timings)."""
         for name in sorted(self.manifest.graphs):

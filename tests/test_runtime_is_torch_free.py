@@ -30,6 +30,16 @@ def test_generate_runs_without_importing_torch(tiny_bundle: Path, tmp_path: Path
     assert out.is_file()
 
 
+def test_bench_without_diffusers_runs_without_importing_torch(tiny_bundle: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK.format(forbidden=FORBIDDEN), "bench", "--bundle", str(tiny_bundle), "--schedule",
+         "fewer-steps", "--no-diffusers", "--repeats", "1", "--quiet"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "LEAKED []" in result.stdout and "runtime:fewer-steps" in result.stdout
+
+
 def test_every_runtime_module_imports_without_torch() -> None:
     runtime = Path(__file__).resolve().parents[1] / "runtime"
     modules = sorted(

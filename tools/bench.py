@@ -142,7 +142,7 @@ def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repea
     overheads = [(w - g) / w for w, g in zip(walls, graphs)]
     return {"wall_s": float(np.median(walls)), "graph_s": float(np.median(graphs)),
             "overhead_pct": 100 * float(np.median(overheads)), "walls_s": walls,
-            "weights": "shared" if pipeline._pool is not None else "per-session",
+            "weights": pipeline.weights_mode,
             "unet_graphs": len(executor.graph_names), "sessions_rss_mb": sessions_mb, "peak_rss_mb": peak_rss_mb()}
 
 

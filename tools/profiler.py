@@ -325,7 +325,7 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
         machine=machine,
         bundle=BundleRef(source=manifest.model.source, manifest_sha256=manifest_digest(manifest),
                          schedules=tuple(manifest.schedules)),
-        weights="shared" if pipeline._pool is not None else "per-session",
+        weights=pipeline.weights_mode,
         warmup=warmup,
         graphs=graphs,
         interleaved=interleaved,
