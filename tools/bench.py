@@ -184,7 +184,8 @@ def child_main(argv: list[str]) -> int:
 
 
 def run_child(label: str, spec: dict) -> dict:
-    """Run one row in a child process and return its result (InputError with the child's last line)."""
+    """Measure one row in a child process and return its result; ``label`` names it in the
+    InputError raised (with the child's last line) when the child fails."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     child = subprocess.run([sys.executable, "-m", "postdiff.tools.bench", json.dumps(spec)], capture_output=True,
                            text=True, env=env)
@@ -192,7 +193,7 @@ def run_child(label: str, spec: dict) -> dict:
         tail = child.stderr.strip().splitlines()[-1:]
         why = tail[0] if tail else (f"killed by signal {-child.returncode} (out of memory?)" if child.returncode < 0
                                     else f"exit status {child.returncode}")
-        raise InputError(f"bench row {label} failed: {why}")
+        raise InputError(f"{label} failed: {why}")
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
@@ -267,19 +268,20 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
         bar = tqdm(order, desc="bench", unit="row", disable=not progress)
         for number, (label, index) in enumerate(bar):
             bar.set_postfix_str(label)
+            what = f"bench row {label}"
             save = scratch / f"row{number}"
             save.mkdir()
             if index is None:
-                row = run_child(label, {"kind": "diffusers", "model": model, "scheduler": options.scheduler,
-                                        "steps": len(plans[0].steps), "guidance": manifest.model.default_guidance,
-                                        "prompt": prompt, "latents": str(scratch / "row0" / "initial.npy"),
-                                        "height": manifest.model.height, "width": manifest.model.width,
-                                        "repeats": options.repeats, "save": str(save)})
+                row = run_child(what, {"kind": "diffusers", "model": model, "scheduler": options.scheduler,
+                                 "steps": len(plans[0].steps), "guidance": manifest.model.default_guidance,
+                                 "prompt": prompt, "latents": str(scratch / "row0" / "initial.npy"),
+                                 "height": manifest.model.height, "width": manifest.model.width,
+                                 "repeats": options.repeats, "save": str(save)})
             else:
-                row = run_child(label, {"kind": "runtime", "bundle": str(bundle), "schedule": specs[index],
-                                        "scheduler": options.scheduler, "seed": options.seed,
-                                        "repeats": options.repeats, "weights": options.weights, "prompt": prompt,
-                                        "save": str(save)})
+                row = run_child(what, {"kind": "runtime", "bundle": str(bundle), "schedule": specs[index],
+                                 "scheduler": options.scheduler, "seed": options.seed,
+                                 "repeats": options.repeats, "weights": options.weights, "prompt": prompt,
+                                 "save": str(save)})
                 row["unet_gmacs"] = sum(c.macs or 0 for c in step_costs(plans[index], manifest)) / 1e9
                 if predicted is not None:
                     row["predicted_ms"] = predicted[index]
