@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import postdiff
 from postdiff.exporter.bundle import check_destination, publish, staging_folder
 from postdiff.exporter.macs import count_macs
-from postdiff.exporter.models import LoadedModel, load_model
+from postdiff.exporter.models import BUILTIN_SPECS, LoadedModel, load_model
 from postdiff.exporter.trace import (OPSET, GraphPlan, export_onnx, half_precision, text_and_decoder_plans,
                                      unet_plan)
 from postdiff.exporter.verify import FP16_TOLERANCE, FP32_TOLERANCE, measure_parity
@@ -31,7 +31,8 @@ from postdiff.runtime import names
 from postdiff.runtime.errors import InputError
 from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, ModelInfo, SharedWeights, TensorSpec,
                                        TokenizerSpec, UNetVariant, sha256_file)
-from postdiff.runtime.schedule import Schedule, graph_variants, latent_size, resolve_schedule
+from postdiff.runtime.executor import at_latent
+from postdiff.runtime.schedule import PLAIN, Schedule, graph_variants, resolve_schedule
 from postdiff.runtime.schedulers import normalize_config
 
 PRECISIONS = ("fp32", "fp16")
@@ -75,13 +76,11 @@ def check_resolution(model: LoadedModel, height: int, width: int) -> None:
 def unet_variants(schedules: list[Schedule], latent: tuple[int, int], multiple: int) -> list[UNetVariant]:
     """Every UNet variant the schedules evaluate, made concrete at this bundle's latent size."""
     if not schedules:
-        return [UNetVariant(latent=latent, batch=2, deep="none", branch=0, xattn="none")]
+        return [at_latent(PLAIN, latent, multiple)]
     variants: dict[UNetVariant, None] = {}
     for schedule in schedules:
         for v in graph_variants(schedule):
-            concrete = UNetVariant(latent=latent_size(latent, v.scale, multiple), batch=v.batch, deep=v.deep,
-                                   branch=v.branch, xattn=v.xattn)
-            variants.setdefault(concrete)
+            variants.setdefault(at_latent(v, latent, multiple))
     return list(variants)
 
 
@@ -174,4 +173,4 @@ def _write_tokenizer(model: LoadedModel, stage: Path) -> TokenizerSpec:
 
 def source_id(source: str) -> str:
     """Built-in specs by name, folders by their last path component (no machine paths in bundles)."""
-    return source if source.startswith("random:") else Path(source).resolve().name
+    return source if source in BUILTIN_SPECS else Path(source).resolve().name

@@ -50,10 +50,9 @@ from diffusers.models.unets.unet_2d_blocks import (
 )
 
 from postdiff.runtime import names
+from postdiff.runtime.names import xattn_tensor_name
 from postdiff.runtime.errors import InputError, ModelSourceError
 
-FEATURE = "deep_feature"
-"""Tensor name of the DeepCache feature: an output of ``deep="write"``, an input of ``deep="read"``."""
 
 DEEP_MODES = ("none", "write", "read")
 XATTN_MODES = ("none", "write", "read")
@@ -64,22 +63,13 @@ _UNSUPPORTED_FIX = ("the layered (DeepCache / cross-attention caching) graphs su
                     "UNets only; export this model without cache variants")
 
 
-def xattn_tensor_name(module_name: str) -> str:
-    """Graph tensor name of one cross-attention cache, e.g. ``xattn/mid_block.attentions.0....attn2``.
-
-    The same name is used for the output of a ``xattn="write"`` graph and the input of a
-    ``xattn="read"`` graph, so the runtime can hand one to the other unchanged.
-    """
-    return "xattn/" + module_name
-
-
 @dataclass(frozen=True)
 class LayerPlan:
     """What one traced graph computes.
 
     Attributes:
-        deep: ``"none"``; ``"write"``: the full UNet that also emits :data:`FEATURE`; ``"read"``:
-            only the shallow part of ``branch``, starting from a fed :data:`FEATURE`.
+        deep: ``"none"``; ``"write"``: the full UNet that also emits the DeepCache feature
+            (``names.DEEP_FEATURE``); ``"read"``: only the shallow part of ``branch``, starting from a fed one.
         branch: DeepCache branch (0 = shallowest skip connection); used when ``deep != "none"``.
         xattn: ``"none"``; ``"write"``: also emit every computed attn2 output; ``"read"``: attn2
             outputs are inputs and the graph has no ``encoder_hidden_states`` input.
@@ -368,9 +358,9 @@ class LayeredUNet(torch.nn.Module):
 
     * inputs: ``sample`` (B, C, h, w); ``timestep`` (B,) float32; ``encoder_hidden_states``
       (B, L, D) unless ``xattn == "read"`` (or the plan computes no attn2 at all, which no
-      SD 1.x/2.x shallow part does); :data:`FEATURE` if ``deep == "read"``; then one
+      SD 1.x/2.x shallow part does); ``names.DEEP_FEATURE`` if ``deep == "read"``; then one
       :func:`xattn_tensor_name` per :func:`xattn_modules` entry if ``xattn == "read"``.
-    * outputs: ``noise_pred`` (B, C_out, h, w); :data:`FEATURE` if ``deep == "write"``; then one
+    * outputs: ``noise_pred`` (B, C_out, h, w); ``names.DEEP_FEATURE`` if ``deep == "write"``; then one
       xattn tensor per :func:`xattn_modules` entry if ``xattn == "write"``, each (B, h'·w', C').
 
     The wrapped UNet is registered as the submodule ``unet`` (parameter names ``unet.*``, as in the
@@ -396,19 +386,20 @@ class LayeredUNet(torch.nn.Module):
         if plan.xattn != "read" and self.xattn_names:
             self.input_names.append(names.CONTEXT)
         if plan.deep == "read":
-            self.input_names.append(FEATURE)
+            self.input_names.append(names.DEEP_FEATURE)
         if plan.xattn == "read":
             self.input_names += cache_names
         self.output_names: list[str] = [names.NOISE_PRED]
         if plan.deep == "write":
-            self.output_names.append(FEATURE)
+            self.output_names.append(names.DEEP_FEATURE)
         if plan.xattn == "write":
             self.output_names += cache_names
 
     # -- shapes ------------------------------------------------------------------------------
 
     def cache_shapes(self, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
-        """Shapes of the cache tensors this plan exchanges (FEATURE, xattn), for latent ``height`` x ``width``.
+        """Shapes of the cache tensors this plan exchanges (DeepCache feature, xattn) at latent ``height`` x
+        ``width``.
 
         Raises:
             InputError: ``height`` or ``width`` is not on the UNet's grid.
@@ -418,7 +409,7 @@ class LayeredUNet(torch.nn.Module):
         shapes: dict[str, tuple[int, ...]] = {}
         if plan.deep != "none":
             s = topo.skip_scales[plan.branch]
-            shapes[FEATURE] = (batch, topo.feature_channels[plan.branch], height // s, width // s)
+            shapes[names.DEEP_FEATURE] = (batch, topo.feature_channels[plan.branch], height // s, width // s)
         if plan.xattn != "none":
             scales = {name: layer.scale for layer in (*topo.down, topo.mid, *topo.up) for name in layer.xattn}
             for name in self.xattn_names:
@@ -496,7 +487,7 @@ class LayeredUNet(torch.nn.Module):
             processors = {}
         with self._attn2_processors(processors):
             noise_pred, feature = self._run(bound[names.SAMPLE], bound[names.TIMESTEP],
-                                            bound.get(names.CONTEXT), bound.get(FEATURE))
+                                            bound.get(names.CONTEXT), bound.get(names.DEEP_FEATURE))
         outputs = [noise_pred]
         if plan.deep == "write":
             outputs.append(feature)

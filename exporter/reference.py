@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-from postdiff.exporter.layered_unet import FEATURE, LayeredUNet, LayerPlan, xattn_tensor_name
+from postdiff.exporter.layered_unet import LayeredUNet, LayerPlan
+from postdiff.runtime.names import DEEP_FEATURE, xattn_tensor_name
 from postdiff.exporter.models import LoadedModel
 from postdiff.runtime import names
 from postdiff.runtime.executor import switch_noise
@@ -78,12 +79,12 @@ class ReferenceExecutor:
             names.SAMPLE: scheduler.scale_model_input(batch, t),
             names.TIMESTEP: t.to(torch.float32).expand(variant.batch),
             names.CONTEXT: context if variant.batch == 2 else context[1:],
-            FEATURE: self._feature,
+            DEEP_FEATURE: self._feature,
         }
         values.update(self._xattn)
         outputs = dict(zip(module.output_names, module(*(values[n] for n in module.input_names))))
         if variant.deep == "write":
-            self._feature = outputs[FEATURE]
+            self._feature = outputs[DEEP_FEATURE]
         if variant.xattn == "write":
             self._xattn = {}
             for name in module.xattn_names:

@@ -22,11 +22,16 @@ from postdiff.runtime.schedule import Schedule, StepPlan, Variant, latent_size, 
 from postdiff.runtime.schedulers.base import Scheduler
 
 
+def at_latent(variant: Variant, full: tuple[int, int], multiple: int) -> UNetVariant:
+    """The manifest-level variant of a schedule-level one, for a full latent size ``full`` whose
+    scaled sides must be multiples of ``multiple`` (ScheduleError otherwise)."""
+    return UNetVariant(latent=latent_size(full, variant.scale, multiple), batch=variant.batch, deep=variant.deep,
+                       branch=variant.branch, xattn=variant.xattn)
+
+
 def concrete(manifest: Manifest, variant: Variant) -> UNetVariant:
     """The manifest-level variant of a schedule-level one, at this bundle's latent size."""
-    latent = latent_size(manifest.model.latent, variant.scale, manifest.model.downsample_factor)
-    return UNetVariant(latent=latent, batch=variant.batch, deep=variant.deep, branch=variant.branch,
-                       xattn=variant.xattn)
+    return at_latent(variant, manifest.model.latent, manifest.model.downsample_factor)
 
 
 def required_graphs(manifest: Manifest, schedule: Schedule) -> list[str]:

@@ -21,6 +21,12 @@ DEEP_FEATURE = "deep_feature"  # DeepCache feature: output of a deep-write graph
 XATTN_PREFIX = "xattn/"  # cross-attention maps: "xattn/<attn2 module path>", outputs of write, inputs of read
 
 
+def xattn_tensor_name(module_name: str) -> str:
+    """Graph tensor name of one cross-attention cache, e.g. ``xattn/mid_block.attentions.0....attn2``: the
+    output of a ``xattn="write"`` graph and the input of a ``xattn="read"`` one, handed over unchanged."""
+    return XATTN_PREFIX + module_name
+
+
 def unet_graph_name(latent: tuple[int, int], batch: int, deep: str, branch: int, xattn: str) -> str:
     """File stem of a UNet variant graph, e.g. ``unet-64x64-b2-full`` or ``unet-32x32-b1-shallow1-xread``."""
     deep_part = {"none": "full", "write": f"deep{branch}", "read": f"shallow{branch}"}[deep]

@@ -14,15 +14,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from postdiff.runtime.errors import InputError
-from postdiff.runtime.executor import ScheduleExecutor
+from postdiff.runtime.executor import ScheduleExecutor, concrete
 from postdiff.runtime.image import to_uint8
-from postdiff.runtime.manifest import Manifest, UNetVariant, load_manifest
+from postdiff.runtime.manifest import Manifest, load_manifest
 from postdiff.runtime.names import (CONTEXT, HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, NOISE_PRED, SAMPLE,
                                     TEXT_ENCODER, TIMESTEP, VAE_DECODER)
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.ort import OrtRunner
 from postdiff.runtime.runners.weights import WeightPool
-from postdiff.runtime.schedule import Schedule
+from postdiff.runtime.schedule import PLAIN, Schedule
 from postdiff.runtime.schedulers import make_scheduler
 from postdiff.runtime.tokenizer import PromptTokenizer
 
@@ -99,8 +99,7 @@ class Pipeline:
     @property
     def plain_unet(self) -> str:
         """Name of the full-resolution, guidance-batch UNet graph that plain generation runs."""
-        return self.manifest.unet_graph(UNetVariant(latent=self.manifest.model.latent, batch=2, deep="none",
-                                                    branch=0, xattn="none"))
+        return self.manifest.unet_graph(concrete(self.manifest, PLAIN))
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -181,13 +181,16 @@ def resolve_schedule(spec: str) -> Schedule:
 
 @dataclass(frozen=True)
 class Variant:
-    """The UNet graph one evaluation needs (scale-relative; :func:`graph_name` makes it concrete)."""
+    """The UNet graph one evaluation needs (scale-relative; ``executor.at_latent`` makes it concrete)."""
 
     scale: float
     batch: int  # 2 with guidance, 1 without
     deep: str = "none"  # "none" | "write" (full, emits the feature) | "read" (shallow, takes it)
     branch: int = 0
     xattn: str = "none"  # "none" | "write" (emits attn2 outputs) | "read" (takes them)
+
+
+PLAIN = Variant(scale=1.0, batch=2)  # plain generation's evaluation: full resolution, guidance batch, no caches
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from postdiff.exporter.layered_unet import (
-    FEATURE,
-    LayeredUNet,
-    LayerPlan,
-    num_branches,
-    xattn_modules,
-    xattn_tensor_name,
-)
+from postdiff.exporter.layered_unet import LayeredUNet, LayerPlan, num_branches, xattn_modules
 from postdiff.runtime.errors import InputError, ModelSourceError
+from postdiff.runtime.names import DEEP_FEATURE as FEATURE
+from postdiff.runtime.names import xattn_tensor_name
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

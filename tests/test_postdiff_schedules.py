@@ -12,7 +12,7 @@ from conftest import PRESETS
 from postdiff.exporter.reference import ReferenceExecutor
 from postdiff.runtime.errors import ScheduleError
 from postdiff.runtime.manifest import UNetVariant
-from postdiff.runtime.names import CONTEXT, DEEP_FEATURE, NOISE_PRED, SAMPLE, TIMESTEP
+from postdiff.runtime.names import DEEP_FEATURE, NOISE_PRED, TIMESTEP
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.schedule import resolve_schedule
 
