@@ -9,6 +9,7 @@ It decides nothing: every choice was made when the schedule was built.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -18,7 +19,7 @@ from postdiff.runtime.manifest import Manifest, UNetVariant
 from postdiff.runtime.names import CONTEXT, DEEP_FEATURE, NOISE_PRED, SAMPLE, TIMESTEP, XATTN_PREFIX
 from postdiff.runtime.resize import resize_bilinear
 from postdiff.runtime.runners.base import Runner
-from postdiff.runtime.schedule import Schedule, StepPlan, Variant, latent_size, plan_steps
+from postdiff.runtime.schedule import Schedule, StepPlan, Variant, graph_variants, latent_size, plan_steps
 from postdiff.runtime.schedulers.base import Scheduler
 
 
@@ -34,32 +35,50 @@ def concrete(manifest: Manifest, variant: Variant) -> UNetVariant:
     return at_latent(variant, manifest.model.latent, manifest.model.downsample_factor)
 
 
-def required_graphs(manifest: Manifest, schedule: Schedule) -> list[str]:
-    """Names of the UNet graphs ``schedule`` runs on this bundle, checked before any compute.
+def resolve_graphs(manifest: Manifest, schedule: Schedule) -> dict[Variant, str]:
+    """The UNet graph of every variant ``schedule`` evaluates on this bundle, in first-use order,
+    checked before any compute.
 
     Raises:
         ScheduleError: a scale off the bundle's grid or a variant the bundle was not exported with.
     """
-    missing, found = [], []
-    for plan in plan_steps(schedule):
-        for variant in (plan.switch_from, plan.variant):
-            if variant is None:
-                continue
-            wanted = concrete(manifest, variant)
-            match = [n for n, g in sorted(manifest.graphs.items()) if g.variant == wanted]
-            (found if match else missing).append(match[0] if match else wanted)
+    found: dict[Variant, str] = {}
+    missing = []
+    for variant in graph_variants(schedule):
+        wanted = concrete(manifest, variant)
+        if wanted in manifest.unet_graphs:
+            found[variant] = manifest.unet_graphs[wanted]
+        else:
+            missing.append(wanted)
     if missing:
         raise ScheduleError(
             f"schedule '{schedule.name}' needs UNet graphs this bundle lacks, first {missing[0]} "
-            f"({len(set(missing))} missing in all); re-export with `postdiff export MODEL --schedule "
+            f"({len(missing)} missing in all); re-export with `postdiff export MODEL --schedule "
             f"{schedule.name} ...`"
         )
-    return list(dict.fromkeys(found))
+    return found
+
+
+def required_graphs(manifest: Manifest, schedule: Schedule) -> list[str]:
+    """Names of the UNet graphs ``schedule`` runs on this bundle, in first-use order (ScheduleError as
+    :func:`resolve_graphs`)."""
+    return list(dict.fromkeys(resolve_graphs(manifest, schedule).values()))
 
 
 def switch_noise(seed: int, step: int, shape: tuple[int, ...]) -> np.ndarray:
     """The fresh Gaussian noise of the resolution switch at ``step``: seeded, so runs reproduce."""
     return np.random.default_rng([seed, 1, step]).standard_normal(shape, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """What feeding one variant's graph needs, looked up once (not on every step)."""
+
+    runner: Runner
+    sample_dtype: np.dtype
+    timestep_dtype: np.dtype
+    context_dtype: np.dtype | None  # None: the graph takes no context (its attn2 outputs are replayed)
+    xattn_inputs: tuple[str, ...]
 
 
 class ScheduleExecutor:
@@ -68,15 +87,18 @@ class ScheduleExecutor:
     def __init__(self, manifest: Manifest, schedule: Schedule, runner: Callable[[str], Runner]) -> None:
         self.manifest = manifest
         self.schedule = schedule
-        self.graph_names = required_graphs(manifest, schedule)
+        self._plans = plan_steps(schedule)
+        self._graph_of = resolve_graphs(manifest, schedule)  # ScheduleError before any compute
+        self.graph_names = list(dict.fromkeys(self._graph_of.values()))
         self._runner = runner
+        self._graphs: dict[Variant, _Graph] = {}
         self._feature: np.ndarray | None = None
         self._xattn: dict[str, np.ndarray] = {}
-        self._graph_of: dict[Variant, str] = {}
+        self._contexts: dict[tuple[int, np.dtype], np.ndarray] = {}
 
     def first_latent_shape(self) -> tuple[int, ...]:
         """Shape of the initial noise: the first step's latent size."""
-        h, w = concrete(self.manifest, plan_steps(self.schedule)[0].variant).latent
+        h, w = concrete(self.manifest, self._plans[0].variant).latent
         return (1, self.manifest.model.latent_channels, h, w)
 
     def run(self, scheduler: Scheduler, latents: np.ndarray, context: np.ndarray, guidance: float, seed: int,
@@ -87,14 +109,25 @@ class ScheduleExecutor:
         Args:
             scheduler: a fresh scheduler; its timesteps are set here to the schedule's length.
             context: [negative; positive] encoder states (2, L, D).
-            guidance: classifier-free guidance scale for the steps with ``cfg`` on.
+            guidance: classifier-free guidance scale for the steps with ``cfg`` on (<= 1: off, the
+                conditional prediction alone).
             seed: seeds the re-noising at resolution switches.
+
+        Raises:
+            ScheduleError: the scheduler's configuration yields another number of timesteps than
+                the schedule has steps.
         """
-        scheduler.set_timesteps(len(self.schedule.steps))
-        self._feature, self._xattn = None, {}
+        scheduler.set_timesteps(len(self._plans))
+        timesteps = scheduler.timesteps
+        if len(timesteps) != len(self._plans):
+            raise ScheduleError(
+                f"the {type(scheduler).__name__} configured by this bundle gives {len(timesteps)} timesteps for "
+                f"the {len(self._plans)} steps of schedule '{self.schedule.name}' (its configuration drops "
+                "some, e.g. lambda_min_clipped); use another scheduler or fewer steps"
+            )
+        self._feature, self._xattn, self._contexts = None, {}, {}
         x = latents * np.float32(scheduler.init_noise_sigma)
-        plans = plan_steps(self.schedule)
-        for plan, t in tqdm(list(zip(plans, scheduler.timesteps)), desc=self.schedule.name, disable=not progress,
+        for plan, t in tqdm(list(zip(self._plans, timesteps)), desc=self.schedule.name, disable=not progress,
                             leave=False):
             if plan.switch_from is not None:
                 x = self._switch(plan, scheduler, x, t, context, guidance, seed)
@@ -114,24 +147,36 @@ class ScheduleExecutor:
         self._feature = None  # spatial caches are stale at the new size
         return scheduler.add_noise(up, switch_noise(seed, plan.index, up.shape), t)
 
+    def _graph(self, variant: Variant) -> _Graph:
+        """The graph of ``variant`` and its feed dtypes; its session is opened on first use."""
+        if variant not in self._graphs:
+            runner = self._runner(self._graph_of[variant])
+            inputs = {t.name: np.dtype(t.dtype) for t in runner.spec.inputs}
+            self._graphs[variant] = _Graph(runner, inputs[SAMPLE], inputs[TIMESTEP], inputs.get(CONTEXT),
+                                           tuple(n for n in inputs if n.startswith(XATTN_PREFIX)))
+        return self._graphs[variant]
+
+    def _context(self, context: np.ndarray, batch: int, dtype: np.dtype) -> np.ndarray:
+        """The context rows a batch-``batch`` graph takes, cast once per run (not on every step)."""
+        key = (batch, dtype)
+        if key not in self._contexts:
+            self._contexts[key] = (context if batch == 2 else context[1:]).astype(dtype, copy=False)
+        return self._contexts[key]
+
     def _evaluate(self, variant: Variant, scheduler: Scheduler, x: np.ndarray, t: np.generic,
                   context: np.ndarray, guidance: float) -> np.ndarray:
         """One UNet evaluation; returns the (guided) noise prediction for one latent."""
-        if variant not in self._graph_of:  # resolved once per variant, not on every step
-            self._graph_of[variant] = self.manifest.unet_graph(concrete(self.manifest, variant))
-        runner = self._runner(self._graph_of[variant])
-        spec = runner.spec
+        graph = self._graph(variant)
         batch = np.concatenate([x, x]) if variant.batch == 2 else x
-        feed = {SAMPLE: scheduler.scale_model_input(batch, t).astype(spec.input(SAMPLE).dtype, copy=False),
-                TIMESTEP: np.full((variant.batch,), t, dtype=spec.input(TIMESTEP).dtype)}
-        if any(t.name == CONTEXT for t in spec.inputs):
-            rows = context if variant.batch == 2 else context[1:]
-            feed[CONTEXT] = rows.astype(spec.input(CONTEXT).dtype, copy=False)
+        feed = {SAMPLE: scheduler.scale_model_input(batch, t).astype(graph.sample_dtype, copy=False),
+                TIMESTEP: np.full((variant.batch,), t, dtype=graph.timestep_dtype)}
+        if graph.context_dtype is not None:
+            feed[CONTEXT] = self._context(context, variant.batch, graph.context_dtype)
         if variant.deep == "read":
             feed[DEEP_FEATURE] = self._feature
         if variant.xattn == "read":
-            feed.update({t.name: self._xattn[t.name] for t in spec.inputs if t.name.startswith(XATTN_PREFIX)})
-        outputs = runner.infer(feed)
+            feed.update({name: self._xattn[name] for name in graph.xattn_inputs})
+        outputs = graph.runner.infer(feed)
         if variant.deep == "write":
             self._feature = outputs[DEEP_FEATURE]
         if variant.xattn == "write":
@@ -141,6 +186,8 @@ class ScheduleExecutor:
         if variant.batch == 1:
             return prediction
         uncond, cond = prediction[:1], prediction[1:]
+        if guidance <= 1.0:  # guidance off: the conditional prediction alone
+            return cond
         # Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w (eps_c - eps_u).
         return uncond + np.float32(guidance) * (cond - uncond)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -141,12 +142,20 @@ class Manifest:
     weights: SharedWeights
     schedules: tuple[str, ...] = ()  # the schedules the bundle was exported for
 
+    @cached_property
+    def unet_graphs(self) -> dict[UNetVariant, str]:
+        """Graph name by UNet variant (the first name in sorted order, should two graphs compute one)."""
+        index: dict[UNetVariant, str] = {}
+        for name, spec in sorted(self.graphs.items()):
+            if spec.variant is not None:
+                index.setdefault(spec.variant, name)
+        return index
+
     def unet_graph(self, variant: UNetVariant) -> str:
         """Name of the UNet graph computing ``variant``; BundleError naming what exists otherwise."""
-        for name, spec in sorted(self.graphs.items()):
-            if spec.variant == variant:
-                return name
-        have = sorted(n for n, s in self.graphs.items() if s.variant is not None)
+        if variant in self.unet_graphs:
+            return self.unet_graphs[variant]
+        have = sorted(self.unet_graphs.values())
         raise BundleError(
             f"the bundle has no UNet graph for {variant} (it has {have}); re-export the model with "
             "`postdiff export ... --schedule` for the schedule you want to run"

@@ -1,7 +1,8 @@
 """Text-to-image generation from a bundle, torch-free: tokenize, encode, denoise, decode.
 
-The loop mirrors diffusers' ``StableDiffusionPipeline`` step for step (same guidance formula, same
-order of scheduler calls), so that with the same initial latents the results agree to float
+Plain generation is a schedule too (:func:`plain_schedule`), run by the same executor as every
+other: its loop mirrors diffusers' ``StableDiffusionPipeline`` step for step (same guidance formula,
+same order of scheduler calls), so that with the same initial latents the results agree to float
 rounding. Shapes and dtypes come from the manifest; roles and tensor names from ``names``.
 """
 
@@ -11,21 +12,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from postdiff.runtime.errors import InputError
-from postdiff.runtime.executor import ScheduleExecutor, concrete
+from postdiff.runtime.executor import ScheduleExecutor
 from postdiff.runtime.image import to_uint8
 from postdiff.runtime.manifest import Manifest, load_manifest
-from postdiff.runtime.names import (CONTEXT, HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, NOISE_PRED, SAMPLE,
-                                    TEXT_ENCODER, TIMESTEP, VAE_DECODER)
+from postdiff.runtime.names import HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, VAE_DECODER
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.ort import OrtRunner
 from postdiff.runtime.runners.weights import WeightPool
-from postdiff.runtime.schedule import PLAIN, Schedule
+from postdiff.runtime.schedule import Schedule
+from postdiff.runtime.schedule_builder import ScheduleKnobs, build_schedule
 from postdiff.runtime.schedulers import make_scheduler
 from postdiff.runtime.tokenizer import PromptTokenizer
-
 
 
 @dataclass(frozen=True)
@@ -55,6 +54,11 @@ class Generation:
     image: np.ndarray
 
 
+def plain_schedule(steps: int) -> Schedule:
+    """Plain generation as a schedule: ``steps`` full-resolution steps with guidance, no caching."""
+    return build_schedule(ScheduleKnobs(steps=steps), name="plain")
+
+
 class Pipeline:
     """Loads a bundle's graphs once and generates images from prompts."""
 
@@ -76,6 +80,7 @@ class Pipeline:
         share = unets > 1 if shared_weights is None else shared_weights
         self._pool = WeightPool(self.bundle, self.manifest) if share else None
         self._runners: dict[str, Runner] = {}
+        self._executors: dict[Schedule, ScheduleExecutor] = {}
         self._threads = threads
 
     def runner(self, name: str) -> Runner:
@@ -91,15 +96,17 @@ class Pipeline:
         """How the UNet sessions hold their weights: "shared" (one in-memory copy) or "per-session"."""
         return "shared" if self._pool is not None else "per-session"
 
+    def executor(self, schedule: Schedule) -> ScheduleExecutor:
+        """The executor of ``schedule`` on this bundle, made once per schedule (ScheduleError if the
+        bundle lacks its graphs)."""
+        if schedule not in self._executors:
+            self._executors[schedule] = ScheduleExecutor(self.manifest, schedule, self.runner)
+        return self._executors[schedule]
+
     def load_all(self) -> None:
         """Open a session for every graph now (benchmarks exclude this from their timings)."""
         for name in sorted(self.manifest.graphs):
             self.runner(name)
-
-    @property
-    def plain_unet(self) -> str:
-        """Name of the full-resolution, guidance-batch UNet graph that plain generation runs."""
-        return self.manifest.unet_graph(concrete(self.manifest, PLAIN))
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -128,33 +135,6 @@ class Pipeline:
             )
         return latents.astype(np.float32, copy=False)
 
-    def denoise(self, latents: np.ndarray, context: np.ndarray, options: GenerateOptions,
-                progress: bool = False) -> np.ndarray:
-        """Run the denoising loop with classifier-free guidance.
-
-        Args:
-            latents: initial noise (1, C, h, w), before scaling by the scheduler's init sigma.
-            context: [negative; positive] encoder states, (2, L, D).
-            options: steps, guidance and scheduler.
-        """
-        scheduler = make_scheduler(options.scheduler, self.manifest.scheduler)
-        scheduler.set_timesteps(options.steps)
-        unet = self.runner(self.plain_unet)
-        sample_dtype, timestep_dtype = unet.spec.input(SAMPLE).dtype, unet.spec.input(TIMESTEP).dtype
-        context = context.astype(unet.spec.input(CONTEXT).dtype, copy=False)
-        latents = latents * np.float32(scheduler.init_noise_sigma)
-        use_cfg = options.guidance > 1.0
-        for t in tqdm(scheduler.timesteps, desc="denoise", disable=not progress, leave=False):
-            batch = np.concatenate([latents, latents])
-            batch = scheduler.scale_model_input(batch, t)
-            feed = {SAMPLE: batch.astype(sample_dtype, copy=False),
-                    TIMESTEP: np.full((2,), t, dtype=timestep_dtype), CONTEXT: context}
-            uncond, cond = unet.infer(feed)[NOISE_PRED].astype(np.float32, copy=False)
-            # Classifier-free guidance (Ho & Salimans 2022): eps = eps_u + w (eps_c - eps_u).
-            noise = uncond + np.float32(options.guidance) * (cond - uncond) if use_cfg else cond
-            latents = scheduler.step(noise[None], t, latents)
-        return latents
-
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """VAE-decode latents (1, C, h, w) to uint8 images (1, H, W, 3); pixel-space models (no
         decoder graph) are their own images (1, H, W, C)."""
@@ -175,20 +155,14 @@ class Pipeline:
                  schedule: Schedule | None = None) -> Generation:
         """Generate one image; ``latents`` overrides the seeded initial noise.
 
-        Without ``schedule`` this is plain generation (``options.steps`` full steps with guidance).
-        With one, the schedule fixes the steps and every graph choice; all the graphs it needs are
-        checked to exist before any compute.
+        Without ``schedule`` this is plain generation: ``options.steps`` full-resolution steps with
+        guidance (:func:`plain_schedule`). With one, the schedule fixes the steps and every graph
+        choice; all the graphs it needs are checked to exist before any compute.
         """
         options.validate()
-        if schedule is None:
-            latents = self.initial_latents(options.seed) if latents is None else self.check_latents(latents)
-            final = self.denoise(latents, self.encode_pair(options), options, progress)
-        else:
-            executor = ScheduleExecutor(self.manifest, schedule, self.runner)
-            shape = executor.first_latent_shape()
-            latents = self.initial_latents(options.seed, shape) if latents is None else \
-                self.check_latents(latents, shape)
-            scheduler = make_scheduler(options.scheduler, self.manifest.scheduler)
-            final = executor.run(scheduler, latents, self.encode_pair(options), options.guidance, options.seed,
-                                 progress)
+        executor = self.executor(schedule if schedule is not None else plain_schedule(options.steps))
+        shape = executor.first_latent_shape()
+        latents = self.initial_latents(options.seed, shape) if latents is None else self.check_latents(latents, shape)
+        scheduler = make_scheduler(options.scheduler, self.manifest.scheduler)
+        final = executor.run(scheduler, latents, self.encode_pair(options), options.guidance, options.seed, progress)
         return Generation(latents=final, image=self.decode(final)[0])

@@ -35,9 +35,7 @@ def test_runtime_matches_torch_reference(tiny_postdiff_bundle: Path, tiny_model,
 
 
 def ours_first_shape(pipeline: Pipeline, schedule) -> tuple[int, ...]:
-    from postdiff.runtime.executor import ScheduleExecutor
-
-    return ScheduleExecutor(pipeline.manifest, schedule, pipeline.runner).first_latent_shape()
+    return pipeline.executor(schedule).first_latent_shape()
 
 
 def test_baseline_schedule_is_identical_to_plain_generation(tiny_postdiff_bundle: Path) -> None:
@@ -48,6 +46,21 @@ def test_baseline_schedule_is_identical_to_plain_generation(tiny_postdiff_bundle
         scheduled = pipeline.generate(options, schedule=resolve_schedule("baseline"))
         assert np.array_equal(plain.latents, scheduled.latents)
         assert np.array_equal(plain.image, scheduled.image)
+
+
+def test_a_scheduler_that_drops_timesteps_is_refused(tiny_bundle: Path) -> None:
+    """DPM-Solver++ with trailing spacing and lambda_min_clipped gives 18 timesteps for 20 (as diffusers
+    does); the executor must not silently run only the first 18 steps of a 20-step schedule."""
+    from postdiff.runtime.schedulers import make_scheduler
+
+    pipeline = Pipeline(tiny_bundle)
+    config = {**pipeline.manifest.scheduler, "timestep_spacing": "trailing", "lambda_min_clipped": -2.0}
+    scheduler = make_scheduler("dpmpp-2m", config)
+    executor = pipeline.executor(resolve_schedule("baseline"))
+    latents = pipeline.initial_latents(0)
+    context = pipeline.encode_pair(GenerateOptions(prompt="a cat"))
+    with pytest.raises(ScheduleError, match="gives 18 timesteps for the 20 steps"):
+        executor.run(scheduler, latents, context, 7.5, 0)
 
 
 def _variant_feed(pipeline: Pipeline, variant: UNetVariant, rng: np.random.Generator) -> dict[str, np.ndarray]:

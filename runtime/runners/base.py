@@ -22,19 +22,15 @@ class Runner(ABC):
     def __init__(self, spec: GraphSpec) -> None:
         self.spec = spec
 
-    def infer(self, feed: Mapping[str, np.ndarray], check: bool = True) -> dict[str, np.ndarray]:
-        """Run the graph.
-
-        Args:
-            feed: one array per graph input, keyed by input name.
-            check: validate names, shapes and dtypes against the manifest first.
+    def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph on ``feed`` (one array per graph input, keyed by input name), after checking
+        its names, shapes and dtypes against the manifest.
 
         Returns:
             One array per graph output, keyed by output name. Runners may reuse output buffers
             between calls: copy a result you keep across calls.
         """
-        if check:
-            check_feed(self.spec, feed)
+        check_feed(self.spec, feed)
         return self._infer(feed)
 
     @abstractmethod
