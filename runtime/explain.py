@@ -62,11 +62,9 @@ def step_costs(schedule: Schedule, manifest: Manifest | None) -> list[StepCost]:
     return rows
 
 
-def predicted_ratio(schedule: Schedule, manifest: Manifest) -> float:
-    """Baseline MACs (same step count, full resolution, guidance on) over the schedule's MACs."""
-    total = sum(row.macs or 0 for row in step_costs(schedule, manifest))
-    baseline = full_macs_per_sample(manifest) * 2 * len(schedule.steps)
-    return baseline / total
+def total_macs(schedule: Schedule, manifest: Manifest) -> int:
+    """UNet multiply-accumulates of one generation of ``schedule`` on this bundle."""
+    return sum(row.macs or 0 for row in step_costs(schedule, manifest))
 
 
 def format_table(schedule: Schedule, manifest: Manifest | None) -> str:
@@ -80,7 +78,7 @@ def format_table(schedule: Schedule, manifest: Manifest | None) -> str:
     if manifest is None:
         lines.append("MACs need a bundle exported with this schedule: add --bundle BUNDLE")
     else:
-        total = sum(row.macs or 0 for row in rows)
+        total = sum(row.macs or 0 for row in rows)  # total_macs, from the rows already computed
         baseline = full_macs_per_sample(manifest) * 2 * len(schedule.steps)
         lines.append(f"total {total / 1e9:.2f} GMACs vs baseline {baseline / 1e9:.2f} GMACs "
                      f"({len(schedule.steps)} full steps with guidance): predicted compute speed-up "

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from postdiff.runtime.errors import InputError
+from postdiff.tools.evaluate import CLASSIFIER, HELDOUT_FEATURES
 from postdiff.tools.metrics import (PSNR_CAP_DB, DigitClassifier, class_adherence, frechet_distance, psnr,
                                     reference_fidelity, ssim)
 
-CLASSIFIER = Path(__file__).resolve().parents[1] / "exporter" / "builtin" / "digits" / "classifier" / "classifier.onnx"
 needs_classifier = pytest.mark.skipif(not CLASSIFIER.is_file(), reason=f"{CLASSIFIER} has not been trained yet")
 
 
@@ -281,3 +281,5 @@ def test_classifier_heldout_accuracy() -> None:
     # digit-FID sanity: the held-out set against itself is 0, its two halves are close but not identical
     assert frechet_distance(features, features) < 1e-6 * float(np.trace(np.cov(features, rowvar=False)))
     assert frechet_distance(features[::2], features[1::2]) > 0.0
+    # the shipped digit-FID reference set is these features
+    np.testing.assert_allclose(np.load(HELDOUT_FEATURES), features, rtol=0, atol=1e-5)

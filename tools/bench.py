@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from postdiff.profiles.device import load_device_profile
 from postdiff.runtime.errors import InputError
 from postdiff.runtime.executor import ScheduleExecutor, required_graphs
-from postdiff.runtime.explain import step_costs
+from postdiff.runtime.explain import total_macs
 from postdiff.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.runners.base import Runner
@@ -282,7 +282,7 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
                                  "scheduler": options.scheduler, "seed": options.seed,
                                  "repeats": options.repeats, "weights": options.weights, "prompt": prompt,
                                  "save": str(save)})
-                row["unet_gmacs"] = sum(c.macs or 0 for c in step_costs(plans[index], manifest)) / 1e9
+                row["unet_gmacs"] = total_macs(plans[index], manifest) / 1e9
                 if predicted is not None:
                     row["predicted_ms"] = predicted[index]
             row["final"] = np.load(save / "final.npy")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from postdiff.runtime.errors import InputError
-from postdiff.runtime.explain import step_costs
+from postdiff.runtime.explain import total_macs
 from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.runtime.manifest import MANIFEST_NAME, load_manifest
 from postdiff.runtime.pipeline import Pipeline
@@ -52,7 +52,7 @@ def run_demo(options: DemoOptions, progress: bool = True) -> dict:
         schedule = replace(resolve_schedule(preset), name=name)
         sample_set = generate_set(pipeline, schedule, requests, progress=progress)
         sets.append(sample_set)
-        macs = sum(row.macs or 0 for row in step_costs(schedule, pipeline.manifest))
+        macs = total_macs(schedule, pipeline.manifest)
         runs.append({"name": name, "latency_s": sample_set.latency_s, "macs": macs,
                      **fidelity(sample_set, sets[0], requests, judge)})
     for run in runs:

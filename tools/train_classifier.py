@@ -190,12 +190,23 @@ def main(argv: Optional[list] = None) -> None:
         "command": command,
     }
     (args.out / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_heldout_features(onnx_path)
     tj = args.out.parent / "TRAINING.json"
     merged = json.loads(tj.read_text()) if tj.exists() else {}
     merged["classifier"] = {k: meta[k] for k in ("architecture", "parameters", "heldout_accuracy",
                                                  "seed", "epochs", "training_wall_time_s", "command")}
     tj.write_text(json.dumps(merged, indent=2) + "\n")
     print(f"wrote {onnx_path} and {args.out / 'classifier.json'}", flush=True)
+
+
+def write_heldout_features(onnx_path: Path) -> None:
+    """Save the exported classifier's features of the held-out digits beside it (the digit-FID
+    reference set :class:`postdiff.tools.evaluate.DigitJudge` loads)."""
+    from postdiff.tools.metrics import DigitClassifier
+
+    _, (heldout, _) = load_split()
+    features = DigitClassifier(onnx_path).predict(heldout)[1].astype(np.float32)
+    np.save(onnx_path.with_name("heldout_features.npy"), features)
 
 
 if __name__ == "__main__":
