@@ -34,6 +34,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _new_file(out: Path, overwrite: bool) -> Path:
+    """``--out`` checked before any work: its folder exists, and it does not unless ``overwrite``."""
+    if out.exists() and not overwrite:
+        raise InputError(f"--out {out} already exists; choose another file or pass --overwrite")
+    if not out.parent.is_dir():
+        raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    return out
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     """Generate an image from a bundle, torch-free (numpy + onnxruntime)."""
     import numpy as np
@@ -42,11 +51,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from postdiff.runtime.pipeline import GenerateOptions, Pipeline
     from postdiff.runtime.schedule import resolve_schedule
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"--out {out} already exists; choose another file or pass --overwrite")
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    out = _new_file(Path(args.out), args.overwrite)
     schedule = resolve_schedule(args.schedule) if args.schedule else None
     if schedule is not None and args.steps is not None and args.steps != len(schedule.steps):
         raise InputError(f"--steps {args.steps} contradicts schedule '{schedule.name}', which has "
@@ -58,7 +63,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     guidance = pipeline.manifest.model.default_guidance if args.guidance is None else args.guidance
     options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                               steps=steps, guidance=guidance, scheduler=args.scheduler)
-    options.validate()
     started = time.perf_counter()
     result = pipeline.generate(options, latents=latents, progress=not args.quiet, schedule=schedule)
     elapsed = time.perf_counter() - started
@@ -135,11 +139,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from postdiff.runtime.jsonio import write_json_atomic
     from postdiff.tools.profiler import format_profile, profile_bundle
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise InputError(f"--out {out} already exists; choose another file or pass --overwrite")
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    out = _new_file(Path(args.out), args.overwrite)
     profile = profile_bundle(Path(args.bundle), provider=args.provider, repeats=args.repeats, warmup=args.warmup,
                              progress=not args.quiet)
     write_json_atomic(out, profile)

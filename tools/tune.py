@@ -64,10 +64,10 @@ from postdiff.runtime.manifest import Manifest, load_manifest
 from postdiff.runtime.pipeline import Pipeline
 from postdiff.runtime.schedule import Schedule
 from postdiff.runtime.schedulers import SCHEDULERS
-from postdiff.tools.evaluate import DigitJudge, Request, SampleSet, fidelity, generate_set, requests_for
+from postdiff.tools.evaluate import (DigitJudge, Request, SampleSet, fidelity, generate_set, is_digit_model,
+                                     requests_for)
 from postdiff.tools.profiler import manifest_digest, predict_ms
 
-DIGIT_LABELS = tuple(str(i) for i in range(10))  # the rule of tools/demo.py: judged by the digit classifier
 CACHE_NAME = "tune-cache.jsonl"
 FRONTIER_JSON = "frontier.json"
 FRONTIER_PNG = "frontier.png"
@@ -105,9 +105,8 @@ class TuneReport:
     frontier_path: Path
     plot_path: Path
     cache_path: Path
-    missing: list[str] = field(default_factory=list)  # candidates the bundle lacks graphs for
-    dominated: dict[str, str] = field(default_factory=dict)  # dropped name -> dominating name
-    unmeasured: list[str] = field(default_factory=list)  # predicted beyond budget * (1 + slack)
+    missing: list[str] = field(default_factory=list)  # candidates the bundle lacks graphs for (all the
+    # skipped candidates, with the dominated and the unmeasured, are in frontier["skipped"])
     fidelity_computed: int = 0  # candidates evaluated in this run (the rest came from the cache)
     latency_computed: int = 0
     notes: list[str] = field(default_factory=list)
@@ -194,8 +193,6 @@ class Evaluator:
         "calib_ms": median wall time of one calibration generation in this process}."""
         images = generate_set(self.pipeline, schedule, self.requests, self.scheduler, progress=False)
         scores = fidelity(images, self.reference, self.requests, self.judge)
-        if scores["psnr_db"] is not None and math.isinf(scores["psnr_db"]):
-            scores["psnr_db"] = None  # every image identical to the baseline's (JSON has no inf)
         return {**scores, "calib_ms": images.latency_s * 1000.0}
 
 
@@ -227,13 +224,13 @@ def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Sc
     """Fidelity of every schedule on ``calib`` requests against ``reference``'s images.
 
     Cached results are reused; new ones are appended to ``cache`` as they finish. The reference
-    images are generated (in this process) only when something has to be computed.
+    images are generated (in this process) only when something has to be computed. The caller has
+    checked the bundle's files (sha256).
 
     Returns:
         ({schedule name: record with psnr_db, ssim, adherence, digit_fid, calib_ms}, number computed).
     """
-    pipeline = Pipeline(Path(bundle))  # checks every file's sha256 once
-    digest = manifest_digest(pipeline.manifest)
+    digest = manifest_digest(load_manifest(Path(bundle), verify=False))
     cache = cache if cache is not None else TuneCache(None)
     results: dict[str, dict] = {}
     todo: list[Schedule] = []
@@ -245,8 +242,9 @@ def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Sc
             todo.append(schedule)
     if not todo:
         return results, 0
+    pipeline = Pipeline(Path(bundle), verify=False)  # the caller verified the files
     requests = requests_for(pipeline, calib)
-    judged = pipeline.manifest.tokenizer.labels == DIGIT_LABELS
+    judged = is_digit_model(pipeline.manifest)
     reference_images = generate_set(pipeline, reference, requests, scheduler, progress=progress).images
     workers = max(1, min(workers, len(todo)))
     bar = tqdm(total=len(schedules), initial=len(results), desc=f"fidelity (calib {calib})", unit="cand",
@@ -402,7 +400,7 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     """
     _check_options(options)
     bundle, out = Path(options.bundle), Path(options.out)
-    manifest = load_manifest(bundle, verify=False)  # evaluate_fidelity verifies the files
+    manifest = load_manifest(bundle, verify=True)  # every file's sha256, once; the rest skip it
     profile = load_device_profile(Path(options.device))
     space = list(options.space) if options.space is not None else candidates(options.steps_full)
     baseline = next((c for c in candidates(options.steps_full)
@@ -454,8 +452,7 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     latencies, latency_computed = measure_latency(bundle, schedules, options.timing_runs, options.scheduler, cache,
                                                   progress)
 
-    judged = manifest.tokenizer.labels == DIGIT_LABELS
-    metric = "digit_fid" if judged else "psnr_db"
+    metric = decisive_metric(manifest)
     points = []
     for c in sorted(measured, key=lambda c: predicted[c.name]):
         s = scores[c.name]
@@ -514,9 +511,14 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     write_json_atomic(frontier_path, frontier)
     plot_frontier(frontier, plot_path)
     return TuneReport(frontier=frontier, chosen=chosen["name"], schedule_path=out, frontier_path=frontier_path,
-                      plot_path=plot_path, cache_path=cache_path, missing=missing, dominated=dominated,
-                      unmeasured=unmeasured, fidelity_computed=fidelity_computed,
+                      plot_path=plot_path, cache_path=cache_path, missing=missing,
+                      fidelity_computed=fidelity_computed,
                       latency_computed=latency_computed, notes=notes)
+
+
+def decisive_metric(manifest: Manifest) -> str:
+    """The fidelity metric candidates are ranked by: digit-FID for the digit model, PSNR otherwise."""
+    return "digit_fid" if is_digit_model(manifest) else "psnr_db"
 
 
 def prediction_accuracy(points: list[dict]) -> dict[str, float]:
