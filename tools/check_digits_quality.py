@@ -26,29 +26,30 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from postdiff.tools.digits_data import load_split
+from postdiff.runtime.image import to_uint8
+from postdiff.tools.digits_data import load_split, record_training
+from postdiff.tools.grid import make_grid
+from postdiff.tools.metrics import DigitClassifier, frechet_distance
 
 
 def load_model(folder: Path):
-    """UNet, label table (11, L, D), null label and DDIM scheduler from an exported folder."""
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from safetensors.torch import load_file
+    """UNet, label table (11, L, D), null label and DDIM scheduler of a digits model folder."""
+    from diffusers import DDIMScheduler
 
-    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet")).eval()
-    cfg = json.loads((folder / "label_encoder" / "config.json").read_text())
-    table = load_file(str(folder / "label_encoder" / cfg["file"]))[cfg["tensor"]]
-    sched = DDIMScheduler.from_pretrained(str(folder / "scheduler"))
-    return unet, table, int(cfg["null_label"]), sched
+    from postdiff.exporter.models import load_model as load_loaded
+
+    model = load_loaded(str(folder))
+    return (model.unet, model.text_encoder.table.detach(), len(model.labels),
+            DDIMScheduler.from_config(model.scheduler_config))
 
 
 @torch.no_grad()
@@ -82,52 +83,6 @@ def sample(unet, table: torch.Tensor, null_label: int, sched, labels: torch.Tens
     return x.clamp(-1, 1)
 
 
-def classify(onnx_path: Path, x: np.ndarray, batch: int = 500) -> Tuple[np.ndarray, np.ndarray]:
-    """Logits and penultimate features from the ONNX classifier (one thread)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-    lo, fe = [], []
-    for i in range(0, len(x), batch):
-        a, b = sess.run(["logits", "features"], {"image": x[i:i + batch].astype(np.float32)})
-        lo.append(a)
-        fe.append(b)
-    return np.concatenate(lo), np.concatenate(fe)
-
-
-def frechet(f1: np.ndarray, f2: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (rows are samples)."""
-    from scipy import linalg
-
-    f1, f2 = f1.astype(np.float64), f2.astype(np.float64)
-    mu1, mu2 = f1.mean(0), f2.mean(0)
-    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        eps = np.eye(len(s1)) * 1e-6
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
-    covmean = np.real(covmean)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
-
-
-def save_grid(x: np.ndarray, per_row: int, path: Path) -> None:
-    """Save images (N, 1, 32, 32) in [-1, 1] as a PNG grid, ``per_row`` images per row."""
-    from PIL import Image
-
-    n = len(x)
-    rows = (n + per_row - 1) // per_row
-    grid = np.full((rows * 32, per_row * 32), 0, dtype=np.uint8)
-    img = ((x[:, 0] + 1) * 127.5).clip(0, 255).astype(np.uint8)
-    for i in range(n):
-        r, c = divmod(i, per_row)
-        grid[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] = img[i]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
-
-
 def main(argv: Optional[list] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=Path("exporter/builtin/digits"))
@@ -154,22 +109,21 @@ def main(argv: Optional[list] = None) -> None:
     gen = torch.cat(out).numpy()
     sample_time = time.time() - t0
 
-    onnx_path = args.model / "classifier" / "classifier.onnx"
-    logits, feats = classify(onnx_path, gen)
-    pred = logits.argmax(1)
+    classifier = DigitClassifier(args.model / "classifier" / "classifier.onnx")
+    pred, feats = classifier.predict(gen)
     y = labels.numpy()
     adherence = float((pred == y).mean())
     per_class = [float((pred[y == c] == c).mean()) for c in range(10)]
 
     (x_tr, y_tr), (x_ho, y_ho) = load_split()
-    _, f_ho = classify(onnx_path, x_ho)
-    _, f_tr = classify(onnx_path, x_tr)
+    f_ho = classifier.predict(x_ho)[1]
+    f_tr = classifier.predict(x_tr)[1]
     rng = np.random.default_rng(0)
     sub = np.concatenate([rng.choice(np.flatnonzero(y_tr == c), len(y_ho) // 10, replace=False)
                           for c in range(10)])
-    fid = frechet(feats, f_ho)
-    floor_1k = frechet(f_tr[sub], f_ho)
-    floor_4k = frechet(f_tr, f_ho)
+    fid = frechet_distance(feats, f_ho)
+    floor_1k = frechet_distance(f_tr[sub], f_ho)
+    floor_4k = frechet_distance(f_tr, f_ho)
 
     print(f"class adherence {adherence:.4f} per class {np.round(per_class, 3).tolist()}")
     print(f"digit-FID generated vs held-out: {fid:.3f}")
@@ -178,8 +132,8 @@ def main(argv: Optional[list] = None) -> None:
     print(f"sampling time {sample_time:.0f}s for {len(gen)} images")
 
     if args.grid is not None:
-        first = np.concatenate([gen[y == c][:10] for c in range(10)])
-        save_grid(first, 10, args.grid)
+        pixels = to_uint8(gen)
+        make_grid([list(pixels[y == c][:10]) for c in range(10)], [str(c) for c in range(10)]).save(args.grid)
         print(f"wrote {args.grid}")
 
     if not args.no_record:
@@ -204,10 +158,7 @@ def main(argv: Optional[list] = None) -> None:
             "threads": args.threads,
             "command": command,
         }
-        tj = args.model / "TRAINING.json"
-        merged = json.loads(tj.read_text()) if tj.exists() else {}
-        merged[key] = rec
-        tj.write_text(json.dumps(merged, indent=2) + "\n")
+        record_training(args.model, key, rec)
 
 
 if __name__ == "__main__":

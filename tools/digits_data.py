@@ -8,6 +8,7 @@ to [-1, 1] (background = -1). A fixed, seeded, stratified split holds out 100 di
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Tuple
 
 import numpy as np
@@ -90,3 +91,14 @@ if __name__ == "__main__":
     (xt, yt), (xh, yh) = load_split()
     print("train", xt.shape, xt.dtype, float(xt.min()), float(xt.max()), np.bincount(yt).tolist())
     print("heldout", xh.shape, np.bincount(yh).tolist())
+
+
+def record_training(model_dir: Path, key: str, record: dict) -> None:
+    """Merge ``record`` under ``key`` into ``model_dir/TRAINING.json`` (the model's provenance:
+    training, classifier and quality figures with the commands that produced them), atomically."""
+    from postdiff.runtime.jsonio import read_json, write_json_atomic
+
+    path = Path(model_dir) / "TRAINING.json"
+    merged = read_json(path) if path.exists() else {}
+    merged[key] = record
+    write_json_atomic(path, merged)

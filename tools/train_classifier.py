@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from postdiff.tools.digits_data import load_split
+from postdiff.tools.digits_data import load_split, record_training
 
 FEATURE_DIM = 128
 
@@ -191,11 +191,8 @@ def main(argv: Optional[list] = None) -> None:
     }
     (args.out / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
     write_heldout_features(onnx_path)
-    tj = args.out.parent / "TRAINING.json"
-    merged = json.loads(tj.read_text()) if tj.exists() else {}
-    merged["classifier"] = {k: meta[k] for k in ("architecture", "parameters", "heldout_accuracy",
-                                                 "seed", "epochs", "training_wall_time_s", "command")}
-    tj.write_text(json.dumps(merged, indent=2) + "\n")
+    record_training(args.out.parent, "classifier", {k: meta[k] for k in (
+        "architecture", "parameters", "heldout_accuracy", "seed", "epochs", "training_wall_time_s", "command")})
     print(f"wrote {onnx_path} and {args.out / 'classifier.json'}", flush=True)
 
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from postdiff.tools.digits_data import load_split
+from postdiff.tools.digits_data import load_split, record_training
 
 NUM_LABELS = 11
 NULL_LABEL = 10
@@ -162,10 +162,7 @@ def export(ema: DigitsDenoiser, out: Path, info: Dict[str, Any]) -> None:
         "usage": "encoder_hidden_states = embeddings[label] (shape (tokens_per_label, dim)); "
                  "label null_label is the unconditional input for classifier-free guidance",
     }, indent=2) + "\n")
-    tj = out / "TRAINING.json"
-    merged = json.loads(tj.read_text()) if tj.exists() else {}
-    merged["diffusion"] = info
-    tj.write_text(json.dumps(merged, indent=2) + "\n")
+    record_training(out, "diffusion", info)
 
 
 def main(argv: Optional[list] = None) -> None:
