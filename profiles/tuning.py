@@ -60,6 +60,7 @@ from postdiff.runtime.schedule_builder import ScheduleKnobs, build_schedule
 FEWER = "fewer steps"
 CHEAPER = "cheaper steps"
 FAMILIES = (FEWER, CHEAPER)
+REFERENCE_STEPS = 20  # the step indices and counts below are written for a 20-step schedule
 
 #: Step counts of the ``fewer steps`` family for a 20-step baseline.
 FEWER_STEPS = (4, 6, 8, 10, 12, 15, 20)
@@ -106,20 +107,20 @@ class Candidate:
                 and set(other.levers) < set(self.levers))
 
 
-def _scaled(index: int, steps: int, reference: int = 20) -> int:
-    """A step index or count written for a ``reference``-step schedule, at ``steps`` steps (half up)."""
-    return max(1, int(index * steps / reference + 0.5))
+def _scaled(index: int, steps: int) -> int:
+    """A step index or count written for a REFERENCE_STEPS-step schedule, at ``steps`` steps (half up)."""
+    return max(1, int(index * steps / REFERENCE_STEPS + 0.5))
 
 
-def _knobs(steps: int, levers: Mapping[str, str], reference: int = 20) -> ScheduleKnobs:
-    low = tuple((scale, _scaled(count, steps, reference)) for scale, count in LOW_RES[levers["low_res"]])
+def _knobs(steps: int, levers: Mapping[str, str]) -> ScheduleKnobs:
+    low = tuple((scale, _scaled(count, steps)) for scale, count in LOW_RES[levers["low_res"]])
     interval, branch, nonuniform = DEEPCACHE[levers["deepcache"]]
     if nonuniform is not None:
-        nonuniform = (_scaled(nonuniform[0], steps, reference), nonuniform[1])
+        nonuniform = (_scaled(nonuniform[0], steps), nonuniform[1])
     gate, mode = XATTN[levers["xattn"]]
     return ScheduleKnobs(steps=steps, low_res=low, deepcache_interval=interval, deepcache_branch=branch,
                          deepcache_nonuniform=nonuniform,
-                         xattn_gate=None if gate is None else _scaled(gate, steps, reference), xattn_mode=mode)
+                         xattn_gate=None if gate is None else _scaled(gate, steps), xattn_mode=mode)
 
 
 def _name(knobs: ScheduleKnobs) -> str:
@@ -162,7 +163,7 @@ def candidates(steps_full: int = 20) -> list[Candidate]:
     for steps in sorted({_scaled(t, steps_full) for t in FEWER_STEPS}, reverse=True):
         add(steps, OFF)
     for fraction in CHEAPER_FRACTIONS:
-        steps = _scaled(int(fraction * 20), steps_full)
+        steps = _scaled(int(fraction * REFERENCE_STEPS), steps_full)
         anchors = [OFF, PAPER] if fraction == 1.0 else [PAPER]
         for anchor in anchors:
             add(steps, anchor)
@@ -172,15 +173,6 @@ def candidates(steps_full: int = 20) -> list[Candidate]:
     return list(found.values())
 
 
-def candidate_knobs(steps_full: int = 20) -> list[tuple[str, ScheduleKnobs]]:
-    """(name, knobs) of every candidate; :func:`family` tells the two families apart."""
-    return [(c.name, c.knobs) for c in candidates(steps_full)]
-
-
-def family(knobs: ScheduleKnobs) -> str:
-    """``"cheaper steps"`` when any per-step lever is on, else ``"fewer steps"``."""
-    cheap = bool(knobs.low_res) or knobs.deepcache_interval > 1 or knobs.xattn_gate is not None
-    return CHEAPER if cheap else FEWER
 
 
 def build(candidate: Candidate) -> Schedule:
