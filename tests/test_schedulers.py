@@ -29,6 +29,7 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 
+import postdiff.runtime.schedulers.base as base_module
 import postdiff.runtime.schedulers.ddim as ddim_module
 import postdiff.runtime.schedulers.dpmpp_2m as dpm_module
 import postdiff.runtime.schedulers.euler as euler_module
@@ -218,7 +219,7 @@ class _TorchMath:
 def test_bit_exact_with_torch_elementary_functions(monkeypatch: pytest.MonkeyPatch) -> None:
     """With torch's sqrt/exp/log swapped in, every remaining operation must agree to the bit: the
     formulas, their order and the float32 roundings are diffusers' own."""
-    for module in (ddim_module, dpm_module, euler_module):
+    for module in (base_module, ddim_module, dpm_module, euler_module):  # base: the shared sigma helpers
         monkeypatch.setattr(module, "np", _TorchMath())
     monkeypatch.setattr(dpm_module, "exp_f32", lambda x: np.float32(torch.exp(torch.tensor(x)).item()))
     monkeypatch.setattr(dpm_module, "log_f32", lambda x: np.float32(torch.log(torch.tensor(x)).item()))

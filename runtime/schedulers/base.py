@@ -270,6 +270,20 @@ def alphas_cumprod_from_betas(betas: np.ndarray) -> np.ndarray:
     return np.cumprod(alphas.astype(np.float64)).astype(np.float32)
 
 
+def ve_sigmas(alphas_cumprod: np.ndarray) -> np.ndarray:
+    """VE noise level sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of every training timestep,
+    in float32 as diffusers computes it (Karras et al. 2022, eq. for VP -> VE)."""
+    return np.sqrt((F32_ONE - alphas_cumprod) / alphas_cumprod)
+
+
+def sigmas_at(timesteps: np.ndarray, train_sigmas: np.ndarray, final_sigmas_type: str) -> np.ndarray:
+    """sigma at each (possibly fractional) timestep by linear interpolation in float64, then the final
+    sigma -- the smallest training sigma for ``"sigma_min"``, else 0 -- all cast to float32."""
+    sigmas = np.interp(timesteps, np.arange(0, len(train_sigmas)), train_sigmas)
+    last = train_sigmas[0] if final_sigmas_type == "sigma_min" else 0.0
+    return np.concatenate([sigmas, [last]]).astype(np.float32)
+
+
 def exp_f32(x: np.float32) -> np.float32:
     """float32 exp, correctly rounded in all but vanishingly rare cases (evaluated in float64)."""
     try:

@@ -28,6 +28,8 @@ from postdiff.runtime.schedulers.base import (
     Scheduler,
     as_f32,
     check_same_shape,
+    sigmas_at,
+    ve_sigmas,
     exp_f32,
     log_f32,
 )
@@ -49,8 +51,7 @@ class DPMSolverPP2MScheduler(Scheduler):
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(config)
-        # VE noise level of every training timestep, in float32 as diffusers computes it.
-        self._train_sigmas = np.sqrt((F32_ONE - self.alphas_cumprod) / self.alphas_cumprod)
+        self._train_sigmas = ve_sigmas(self.alphas_cumprod)
         self.sigmas = self._train_sigmas.copy()
         self.init_noise_sigma = 1.0
         n = self.num_train_timesteps
@@ -82,13 +83,7 @@ class DPMSolverPP2MScheduler(Scheduler):
         else:  # trailing
             ratio = big_t / n
             ts = np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
-        # sigma at each timestep by linear interpolation (float64), then the final sigma.
-        sigmas = np.interp(ts, np.arange(0, len(self._train_sigmas)), self._train_sigmas)
-        if self.config["final_sigmas_type"] == "sigma_min":
-            last_sigma = np.sqrt((F32_ONE - self.alphas_cumprod[0]) / self.alphas_cumprod[0])
-        else:
-            last_sigma = 0.0
-        self.sigmas = np.concatenate([sigmas, [last_sigma]]).astype(np.float32)
+        self.sigmas = sigmas_at(ts, self._train_sigmas, self.config["final_sigmas_type"])
         self.num_inference_steps = len(ts)
         return ts.astype(np.int64)
 

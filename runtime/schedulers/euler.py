@@ -24,6 +24,8 @@ from postdiff.runtime.schedulers.base import (
     Scheduler,
     as_f32,
     check_same_shape,
+    sigmas_at,
+    ve_sigmas,
 )
 
 
@@ -40,8 +42,7 @@ class EulerDiscreteScheduler(Scheduler):
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         super().__init__(config)
-        # sigma of every training timestep, float32 as diffusers computes it.
-        self._train_sigmas = np.sqrt((F32_ONE - self.alphas_cumprod) / self.alphas_cumprod)
+        self._train_sigmas = ve_sigmas(self.alphas_cumprod)
         n = self.num_train_timesteps
         # Before set_timesteps: every training timestep, highest first, then sigma = 0.
         self.sigmas = np.concatenate([self._train_sigmas[::-1], np.zeros(1, np.float32)])
@@ -70,13 +71,7 @@ class EulerDiscreteScheduler(Scheduler):
             ratio = big_t / n
             ts = np.arange(big_t, 0, -ratio).round().copy().astype(np.float32)
             ts -= F32_ONE
-        # sigma at each (possibly fractional) timestep by linear interpolation, then the final one.
-        sigmas = np.interp(ts, np.arange(0, len(self._train_sigmas)), self._train_sigmas)
-        if self.config["final_sigmas_type"] == "sigma_min":
-            last_sigma = np.sqrt((F32_ONE - self.alphas_cumprod[0]) / self.alphas_cumprod[0])
-        else:
-            last_sigma = 0.0
-        self.sigmas = np.concatenate([sigmas, [last_sigma]]).astype(np.float32)
+        self.sigmas = sigmas_at(ts, self._train_sigmas, self.config["final_sigmas_type"])
         self.num_inference_steps = n
         self.init_noise_sigma = self._init_noise_sigma()
         return ts.astype(np.float32)
