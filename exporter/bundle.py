@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 from postdiff.runtime.manifest import MANIFEST_NAME, Manifest, dump_manifest
 
 

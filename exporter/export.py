@@ -28,11 +28,12 @@ from postdiff.exporter.trace import (OPSET, GraphPlan, export_onnx, half_precisi
 from postdiff.exporter.verify import FP16_TOLERANCE, FP32_TOLERANCE, measure_parity
 from postdiff.exporter.weights import WeightStore
 from postdiff.runtime import names
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, ModelInfo, SharedWeights, TensorSpec,
                                        TokenizerSpec, UNetVariant, sha256_file)
 from postdiff.runtime.executor import at_latent
-from postdiff.runtime.schedule import PLAIN, Schedule, graph_variants, resolve_schedule
+from postdiff.profiles.presets import resolve_schedule
+from postdiff.runtime.schedule import PLAIN, Schedule, graph_variants
 from postdiff.runtime.schedulers import normalize_config
 
 PRECISIONS = ("fp32", "fp16")

@@ -50,12 +50,8 @@ from diffusers.models.unets.unet_2d_blocks import (
 )
 
 from postdiff.runtime import names
-from postdiff.runtime.names import xattn_tensor_name
-from postdiff.runtime.errors import InputError, ModelSourceError
-
-
-DEEP_MODES = ("none", "write", "read")
-XATTN_MODES = ("none", "write", "read")
+from postdiff.runtime.names import CACHE_ROLES, xattn_tensor_name
+from postdiff.errors import InputError, ModelSourceError
 
 _SUPPORTED_DOWN = (CrossAttnDownBlock2D, DownBlock2D)
 _SUPPORTED_UP = (CrossAttnUpBlock2D, UpBlock2D)
@@ -84,12 +80,12 @@ class LayerPlan:
     xattn: str = "none"
 
     def __post_init__(self) -> None:
-        if self.deep not in DEEP_MODES:
-            raise InputError(f"LayerPlan.deep = {self.deep!r} is not a DeepCache mode; "
-                             f"expected one of {list(DEEP_MODES)}")
-        if self.xattn not in XATTN_MODES:
-            raise InputError(f"LayerPlan.xattn = {self.xattn!r} is not a cross-attention cache mode; "
-                             f"expected one of {list(XATTN_MODES)}")
+        if self.deep not in CACHE_ROLES:
+            raise InputError(f"LayerPlan.deep = {self.deep!r} is not a cache role; "
+                             f"expected one of {list(CACHE_ROLES)}")
+        if self.xattn not in CACHE_ROLES:
+            raise InputError(f"LayerPlan.xattn = {self.xattn!r} is not a cache role; "
+                             f"expected one of {list(CACHE_ROLES)}")
         if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:
             raise InputError(f"LayerPlan.branch = {self.branch!r} is not a DeepCache branch; "
                              "expected a non-negative int (0 = shallowest skip connection)")

@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from postdiff.runtime.errors import ModelSourceError
+from postdiff.errors import ModelSourceError
 
 SD_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 # A label-conditioned pixel-space model (the embedded `digits`): no VAE, no text encoder; a table of

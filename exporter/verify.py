@@ -9,7 +9,7 @@ import onnxruntime as ort
 import torch
 
 from postdiff.exporter.trace import GraphPlan
-from postdiff.runtime.errors import ParityError
+from postdiff.errors import ParityError
 from postdiff.runtime.manifest import Parity
 
 # Max abs difference allowed, relative to max(1, max |reference|): float32 kernels differ in

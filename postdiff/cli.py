@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from postdiff import __version__
-from postdiff.runtime.errors import InputError, PostdiffError
+from postdiff.errors import InputError, PostdiffError
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -49,7 +49,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from postdiff.runtime.image import save_png
     from postdiff.runtime.pipeline import GenerateOptions, Pipeline
-    from postdiff.runtime.schedule import resolve_schedule
+    from postdiff.profiles.presets import resolve_schedule
 
     out = _new_file(Path(args.out), args.overwrite)
     schedule = resolve_schedule(args.schedule) if args.schedule else None
@@ -84,10 +84,10 @@ def _load_latents(path: Path):  # -> np.ndarray
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
     """Build a denoising schedule from PostDiff's knobs (or a preset), validate it, write it as JSON."""
-    from postdiff.runtime.explain import format_table
+    from postdiff.tools.explain import format_table
     from postdiff.runtime.jsonio import write_json_atomic
     from postdiff.runtime.manifest import load_manifest
-    from postdiff.runtime.schedule_builder import build_schedule, knobs_from_flags
+    from postdiff.profiles.schedule_builder import build_schedule, knobs_from_flags
 
     if args.out is None and not args.explain:
         raise InputError("nothing to do: give --out SCHEDULE.json to write the schedule, and/or --explain")

@@ -1,15 +1,17 @@
 """The knobs behind every schedule preset in ``profiles/schedules/``.
 
-The JSON files are what users read and what the runtime loads; they are generated from these knobs
-by ``python -m postdiff.profiles.presets`` and a test checks that they still match.
+The JSON files are what users read and what ``generate --schedule NAME`` loads; they are generated
+from these knobs by ``python -m postdiff.profiles.presets`` and a test checks that they still match.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from postdiff.errors import ScheduleError
+from postdiff.profiles.schedule_builder import ScheduleKnobs, build_schedule
 from postdiff.runtime.jsonio import dumps
-from postdiff.runtime.schedule_builder import ScheduleKnobs, build_schedule
+from postdiff.runtime.schedule import Schedule, load_schedule
 
 SCHEDULES_DIR = Path(__file__).resolve().parent / "schedules"
 
@@ -23,15 +25,32 @@ PRESETS: dict[str, tuple[ScheduleKnobs, str]] = {
         ScheduleKnobs(steps=20, low_res=((0.5, 10),), deepcache_interval=2, deepcache_branch=1, xattn_gate=5,
                       xattn_mode="cond"),
         "PostDiff on SD 1.5 (ICCV 2025): first 10 of 20 steps at 1/2 side length, DeepCache interval 2 "
-        "(branch 1), cross-attention gate at step 5 caching the conditional maps",
+        "(branch 1), cross-attention gate_step 5 (T-GATE's count: 5 guided steps) caching the conditional maps",
     ),
     "postdiff-beta34": (
         ScheduleKnobs(steps=20, low_res=((0.75, 10),), deepcache_interval=2, deepcache_branch=1, xattn_gate=5,
                       xattn_mode="cond"),
         "PostDiff with beta = 3/4 (the paper's setting for SDXL and PixArt-alpha): first 10 of 20 steps at 3/4 "
-        "side length, DeepCache interval 2 (branch 1), cross-attention gate at step 5 (Cond)",
+        "side length, DeepCache interval 2 (branch 1), cross-attention gate_step 5 (5 guided steps, Cond)",
     ),
 }
+
+
+def preset_names() -> list[str]:
+    """Names of the schedule presets shipped in ``profiles/schedules``."""
+    return sorted(path.stem for path in SCHEDULES_DIR.glob("*.json"))
+
+
+def resolve_schedule(spec: str) -> Schedule:
+    """A schedule from a JSON file path or a preset name (ScheduleError listing presets otherwise)."""
+    path = Path(spec)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise ScheduleError(f"schedule file {path} does not exist; presets: {', '.join(preset_names())}")
+        return load_schedule(path)
+    if spec not in preset_names():
+        raise ScheduleError(f"'{spec}' is neither a schedule file nor a preset; presets: {', '.join(preset_names())}")
+    return load_schedule(SCHEDULES_DIR / f"{spec}.json")
 
 
 def preset_text(name: str) -> str:

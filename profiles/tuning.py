@@ -53,9 +53,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from postdiff.runtime.errors import ScheduleError
+from postdiff.errors import ScheduleError
 from postdiff.runtime.schedule import Schedule, latent_size
-from postdiff.runtime.schedule_builder import ScheduleKnobs, build_schedule
+from postdiff.profiles.schedule_builder import ScheduleKnobs, build_schedule
 
 FEWER = "fewer steps"
 CHEAPER = "cheaper steps"

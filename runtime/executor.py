@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-from postdiff.runtime.errors import ScheduleError
+from postdiff.errors import ScheduleError
 from postdiff.runtime.manifest import Manifest, UNetVariant
 from postdiff.runtime.names import CONTEXT, DEEP_FEATURE, NOISE_PRED, SAMPLE, TIMESTEP, XATTN_PREFIX
 from postdiff.runtime.resize import resize_bilinear

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 
 
 def to_uint8(decoded: np.ndarray) -> np.ndarray:

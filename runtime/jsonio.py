@@ -16,7 +16,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-from postdiff.runtime.errors import InputError, PostdiffError
+from postdiff.errors import InputError, PostdiffError
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from postdiff.runtime.errors import BundleError
+from postdiff.errors import BundleError
 from postdiff.runtime.jsonio import dumps, load_versioned
 
 FORMAT_VERSION = 1

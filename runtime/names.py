@@ -17,7 +17,15 @@ NOISE_PRED = "noise_pred"  # UNet out: (B, C, h, w)
 LATENTS = "latents"  # VAE decoder in: (1, C, h, w) unscaled latents
 IMAGE = "image"  # VAE decoder out: (1, 3, H, W) in [-1, 1]
 
-DEEP_FEATURE = "deep_feature"  # DeepCache feature: output of a deep-write graph, input of a shallow one
+# Cache roles: the one vocabulary for both caches, in schedules, manifests, graph names and docs.
+# A "write" graph computes a cache and emits it; a "read" graph takes it instead of computing it.
+# DeepCache: write = the full UNet, also emitting the feature that enters the branch's up layer;
+# read = only the shallow layers, fed that feature. Cross-attention: write = every attn2 output is
+# emitted; read = every attn2 module returns its input tensor instead.
+NONE, WRITE, READ = "none", "write", "read"
+CACHE_ROLES = (NONE, WRITE, READ)
+
+DEEP_FEATURE = "deep_feature"  # DeepCache feature: output of a deep write graph, input of a deep read one
 XATTN_PREFIX = "xattn/"  # cross-attention maps: "xattn/<attn2 module path>", outputs of write, inputs of read
 
 
@@ -28,7 +36,8 @@ def xattn_tensor_name(module_name: str) -> str:
 
 
 def unet_graph_name(latent: tuple[int, int], batch: int, deep: str, branch: int, xattn: str) -> str:
-    """File stem of a UNet variant graph, e.g. ``unet-64x64-b2-full`` or ``unet-32x32-b1-shallow1-xread``."""
-    deep_part = {"none": "full", "write": f"deep{branch}", "read": f"shallow{branch}"}[deep]
-    xattn_part = {"none": "", "write": "-xwrite", "read": "-xread"}[xattn]
-    return f"unet-{latent[0]}x{latent[1]}-b{batch}-{deep_part}{xattn_part}"
+    """File stem of a UNet variant graph, e.g. ``unet-64x64-b2`` (plain), ``unet-64x64-b2-deep1-write`` or
+    ``unet-32x32-b1-deep1-read-xattn-read``."""
+    deep_part = "" if deep == NONE else f"-deep{branch}-{deep}"
+    xattn_part = "" if xattn == NONE else f"-xattn-{xattn}"
+    return f"unet-{latent[0]}x{latent[1]}-b{batch}{deep_part}{xattn_part}"

@@ -1,6 +1,6 @@
 """Text-to-image generation from a bundle, torch-free: tokenize, encode, denoise, decode.
 
-Plain generation is a schedule too (:func:`plain_schedule`), run by the same executor as every
+Plain generation is a schedule too (:func:`~postdiff.runtime.schedule.plain_schedule`), run by the same executor as every
 other: its loop mirrors diffusers' ``StableDiffusionPipeline`` step for step (same guidance formula,
 same order of scheduler calls), so that with the same initial latents the results agree to float
 rounding. Shapes and dtypes come from the manifest; roles and tensor names from ``names``.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 from postdiff.runtime.executor import ScheduleExecutor
 from postdiff.runtime.image import to_uint8
 from postdiff.runtime.manifest import Manifest, load_manifest
@@ -21,8 +21,7 @@ from postdiff.runtime.names import HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEX
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.ort import OrtRunner
 from postdiff.runtime.runners.weights import WeightPool
-from postdiff.runtime.schedule import Schedule
-from postdiff.runtime.schedule_builder import ScheduleKnobs, build_schedule
+from postdiff.runtime.schedule import Schedule, plain_schedule
 from postdiff.runtime.schedulers import make_scheduler
 from postdiff.runtime.tokenizer import PromptTokenizer
 
@@ -52,11 +51,6 @@ class Generation:
 
     latents: np.ndarray
     image: np.ndarray
-
-
-def plain_schedule(steps: int) -> Schedule:
-    """Plain generation as a schedule: ``steps`` full-resolution steps with guidance, no caching."""
-    return build_schedule(ScheduleKnobs(steps=steps), name="plain")
 
 
 class Pipeline:
@@ -156,7 +150,7 @@ class Pipeline:
         """Generate one image; ``latents`` overrides the seeded initial noise.
 
         Without ``schedule`` this is plain generation: ``options.steps`` full-resolution steps with
-        guidance (:func:`plain_schedule`). With one, the schedule fixes the steps and every graph
+        guidance (:func:`~postdiff.runtime.schedule.plain_schedule`). With one, the schedule fixes the steps and every graph
         choice; all the graphs it needs are checked to exist before any compute.
         """
         options.validate()

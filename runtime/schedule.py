@@ -1,15 +1,17 @@
 """Static denoising schedules: what runs at every step, decided before generation starts.
 
-A schedule is data (JSON, ``format_version`` 1). Each step says at which latent scale it runs,
+A schedule is data (JSON, ``format_version`` 2). Each step says at which latent scale it runs,
 whether classifier-free guidance is on (batch 2) or off (batch 1, conditional half only), and what
-it does with the two caches of PostDiff's hybrid module caching (DESIGN §1):
+it does with the two caches of PostDiff's hybrid module caching (DESIGN §1, docs/cache-roles.md).
+Both caches use one vocabulary, the role of the step's graph in the cache's dataflow:
 
-- ``deep``: DeepCache feature reuse. ``refresh`` runs the full UNet and keeps the feature entering
-  up-layer ``branch``; ``reuse`` runs only the shallow layers fed that feature; ``none`` runs the
-  plain full UNet.
-- ``xattn``: cross-attention output caching. ``capture`` computes every attn2 module and keeps its
-  output (the conditional half, or the mean of both halves, per ``xattn_mode``); ``reuse`` feeds the
-  kept outputs instead of computing cross-attention (guidance must be off).
+- ``deep``: DeepCache feature reuse. ``write`` runs the full UNet and keeps the feature entering
+  up-layer ``branch`` (DeepCache's full/refresh step); ``read`` runs only the shallow layers fed
+  that feature (DeepCache's cached step); ``none`` runs the plain full UNet.
+- ``xattn``: cross-attention output caching. ``write`` computes every attn2 module and keeps its
+  output (the conditional half, or the mean of both halves, per ``xattn_mode``): T-GATE's step
+  ``gate_step - 1``; ``read`` feeds the kept outputs instead of computing cross-attention (guidance
+  must be off).
 
 A step whose scale differs from the previous step's is a resolution switch (``switch: true``):
 the clean sample x̂0 is predicted from the previous resolution's state with a model evaluation at
@@ -17,20 +19,24 @@ this step's timestep, upsampled bilinearly and re-noised to the same timestep (D
 
 Timesteps are not stored: they follow from the scheduler chosen at generation time (DDIM, DPM++
 and Euler place them differently); step ``i`` runs at the scheduler's ``i``-th timestep.
+
+Format history: version 1 (postdiff 0.1) named the actions refresh/reuse and capture/reuse and its
+builder counted the cross-attention gate one step later than T-GATE's ``gate_step``; version-1
+files are refused with a message saying how to rebuild them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-from postdiff.runtime.errors import ScheduleError
+from postdiff.errors import ScheduleError
 from postdiff.runtime.jsonio import load_versioned
+from postdiff.runtime.names import CACHE_ROLES
 
-FORMAT_VERSION = 1
-DEEP_ACTIONS = ("none", "refresh", "reuse")
-XATTN_ACTIONS = ("none", "capture", "reuse")
+FORMAT_VERSION = 2
+#: What a cross-attention write keeps of a guided batch: the conditional half (PostDiff's "Cond")
+#: or the mean of both halves (T-GATE's "Ave").
 XATTN_MODES = ("cond", "ave")
 
 
@@ -40,9 +46,9 @@ class Step:
 
     scale: float = 1.0  # latent side length relative to the bundle's full resolution
     cfg: bool = True  # classifier-free guidance: batch 2 when on, batch 1 (conditional) when off
-    deep: str = "none"  # DeepCache action, one of DEEP_ACTIONS
-    branch: int = 0  # DeepCache branch (skip connection index, 0 = shallowest) for refresh/reuse
-    xattn: str = "none"  # cross-attention cache action, one of XATTN_ACTIONS
+    deep: str = "none"  # DeepCache role of this step's graph, one of CACHE_ROLES
+    branch: int = 0  # DeepCache branch (DeepCache's cache_branch_id, 0 = shallowest) for write/read
+    xattn: str = "none"  # cross-attention cache role, one of CACHE_ROLES
     switch: bool = False  # first step at a new scale: x̂0 -> upsample -> re-noise before it runs
 
 
@@ -53,7 +59,7 @@ class Schedule:
     format_version: int
     name: str
     steps: tuple[Step, ...]
-    xattn_mode: str = "cond"  # what a capture keeps from a CFG batch: "cond" half or "ave" of both
+    xattn_mode: str = "cond"  # what an xattn write keeps of a guided batch, one of XATTN_MODES
     description: str = ""
 
     @property
@@ -69,7 +75,9 @@ class Schedule:
 def load_schedule(path: Path) -> Schedule:
     """Read and validate a schedule JSON file (ScheduleError on any problem)."""
     schedule = load_versioned(Schedule, path, FORMAT_VERSION, ScheduleError,
-                              "rebuild it with `postdiff schedule` from this postdiff")
+                              "version 1 counted --xattn-gate one step later than T-GATE's gate_step and "
+                              "named the cache actions refresh/reuse, capture/reuse; rebuild the file with "
+                              "`postdiff schedule` from this postdiff (--xattn-gate M now means M guided steps)")
     validate(schedule)
     return schedule
 
@@ -107,7 +115,7 @@ def validate(schedule: Schedule) -> None:
         if changed_scale or (previous is not None and step.cfg != previous.cfg):
             deep_cache = None  # spatial size or batch changed: the feature is stale
         if changed_scale:
-            xattn_scale = None if step.xattn != "capture" else xattn_scale
+            xattn_scale = None if step.xattn != "write" else xattn_scale
         deep_cache = _check_deep(step, deep_cache, where, schedule.name)
         xattn_scale = _check_xattn(step, xattn_scale, where)
         previous = step
@@ -116,65 +124,53 @@ def validate(schedule: Schedule) -> None:
 def _check_fields(step: Step, where: str) -> None:
     if not 0.0 < step.scale <= 1.0:
         raise ScheduleError(f"{where}: scale {step.scale} is outside (0, 1]")
-    if step.deep not in DEEP_ACTIONS:
-        raise ScheduleError(f"{where}: deep '{step.deep}' is not one of {list(DEEP_ACTIONS)}")
-    if step.xattn not in XATTN_ACTIONS:
-        raise ScheduleError(f"{where}: xattn '{step.xattn}' is not one of {list(XATTN_ACTIONS)}")
+    if step.deep not in CACHE_ROLES:
+        raise ScheduleError(f"{where}: deep '{step.deep}' is not one of {list(CACHE_ROLES)}")
+    if step.xattn not in CACHE_ROLES:
+        raise ScheduleError(f"{where}: xattn '{step.xattn}' is not one of {list(CACHE_ROLES)}")
     if step.branch < 0:
         raise ScheduleError(f"{where}: branch {step.branch} is negative")
 
 
 def _check_deep(step: Step, cache: tuple[float, bool, int] | None, where: str,
                 name: str) -> tuple[float, bool, int] | None:
-    if step.deep == "refresh":
+    if step.deep == "write":
         return (step.scale, step.cfg, step.branch)
-    if step.deep == "reuse":
+    if step.deep == "read":
         if cache is None:
             raise ScheduleError(
-                f"{where}: DeepCache reuse without a valid cached feature (none was refreshed since the last "
-                "resolution switch or guidance change); make this step a refresh"
+                f"{where}: DeepCache read without a valid cached feature (none was written since the last "
+                "resolution switch or guidance change); make this step a deep write"
             )
         if cache[2] != step.branch:
-            raise ScheduleError(f"{where}: reuses branch {step.branch} but the cached feature is from branch "
-                                f"{cache[2]}; use the same branch as the refresh")
+            raise ScheduleError(f"{where}: reads branch {step.branch} but the cached feature is from branch "
+                                f"{cache[2]}; use the same branch as the write")
     return cache
 
 
 def _check_xattn(step: Step, cached_scale: float | None, where: str) -> float | None:
-    if step.xattn == "capture":
-        if step.deep == "reuse":
-            raise ScheduleError(f"{where}: a cross-attention capture must compute every attn2 module, but a "
-                                "DeepCache reuse step skips the deep ones; make it a refresh or a plain step")
+    if step.xattn == "write":
+        if step.deep == "read":
+            raise ScheduleError(f"{where}: a cross-attention write must compute every attn2 module, but a "
+                                "DeepCache read step skips the deep ones; make it a deep write or a plain step")
         return step.scale
-    if step.xattn == "reuse":
+    if step.xattn == "read":
         if step.cfg:
-            raise ScheduleError(f"{where}: cross-attention reuse needs guidance off (cfg false): the cached "
+            raise ScheduleError(f"{where}: cross-attention read needs guidance off (cfg false): the cached "
                                 "maps carry one condition only")
         if cached_scale is None:
             raise ScheduleError(
-                f"{where}: cross-attention reuse without captured maps at scale {step.scale} (the maps are "
-                "spatial: a resolution switch after the gate needs a re-capture); make this step a capture"
+                f"{where}: cross-attention read without written maps at scale {step.scale} (the maps are "
+                "spatial: a resolution switch after the gate needs a re-write); make this step an xattn write"
             )
     return cached_scale
 
 
-def preset_names() -> list[str]:
-    """Names of the schedule presets shipped in ``profiles/schedules``."""
-    folder = resources.files("postdiff.profiles") / "schedules"
-    return sorted(entry.name[:-5] for entry in folder.iterdir() if entry.name.endswith(".json"))
-
-
-def resolve_schedule(spec: str) -> Schedule:
-    """A schedule from a JSON file path or a preset name (ScheduleError listing presets otherwise)."""
-    path = Path(spec)
-    if path.suffix == ".json" or path.exists():
-        if not path.is_file():
-            raise ScheduleError(f"schedule file {path} does not exist; presets: {', '.join(preset_names())}")
-        return load_schedule(path)
-    if spec not in preset_names():
-        raise ScheduleError(f"'{spec}' is neither a schedule file nor a preset; presets: {', '.join(preset_names())}")
-    with resources.as_file(resources.files("postdiff.profiles") / "schedules" / f"{spec}.json") as preset:
-        return load_schedule(preset)
+def plain_schedule(steps: int) -> Schedule:
+    """Plain generation as a schedule: ``steps`` full-resolution steps with guidance, no caching."""
+    if steps <= 0:
+        raise ScheduleError(f"--steps {steps} is not positive; use a step count of at least 1")
+    return Schedule(format_version=FORMAT_VERSION, name="plain", steps=(Step(),) * steps)
 
 
 # --- Resolving a schedule into graph evaluations --------------------------------------------------
@@ -185,9 +181,9 @@ class Variant:
 
     scale: float
     batch: int  # 2 with guidance, 1 without
-    deep: str = "none"  # "none" | "write" (full, emits the feature) | "read" (shallow, takes it)
+    deep: str = "none"  # a CACHE_ROLE: write = full UNet emitting the feature, read = shallow part taking it
     branch: int = 0
-    xattn: str = "none"  # "none" | "write" (emits attn2 outputs) | "read" (takes them)
+    xattn: str = "none"  # a CACHE_ROLE: write = emits the attn2 outputs, read = takes them
 
 
 PLAIN = Variant(scale=1.0, batch=2)  # plain generation's evaluation: full resolution, guidance batch, no caches
@@ -213,14 +209,12 @@ def plan_steps(schedule: Schedule) -> tuple[StepPlan, ...]:
         switch_from = None
         if step.switch and previous is not None:
             # x̂0 comes from a plain evaluation at the old scale and this step's guidance setting,
-            # reading the held cross-attention maps when guidance is already off.
+            # reading the written cross-attention maps when guidance is already off.
             reads = not step.cfg and xattn_scale == previous.scale
             switch_from = Variant(scale=previous.scale, batch=batch, xattn="read" if reads else "none")
-        deep = {"none": "none", "refresh": "write", "reuse": "read"}[step.deep]
-        xattn = {"none": "none", "capture": "write", "reuse": "read"}[step.xattn]
-        plans.append(StepPlan(index, Variant(step.scale, batch, deep, step.branch if deep != "none" else 0, xattn),
-                              switch_from))
-        if step.xattn == "capture":
+        branch = step.branch if step.deep != "none" else 0
+        plans.append(StepPlan(index, Variant(step.scale, batch, step.deep, branch, step.xattn), switch_from))
+        if step.xattn == "write":
             xattn_scale = step.scale
         previous = step
     return tuple(plans)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from postdiff.runtime.errors import BundleError, InputError
+from postdiff.errors import BundleError, InputError
 from postdiff.runtime.manifest import TokenizerSpec
 
 

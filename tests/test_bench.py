@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from postdiff.cli import main
-from postdiff.runtime.errors import InputError, ScheduleError
+from postdiff.errors import InputError, ScheduleError
 from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.tools.bench import BenchOptions, bench, format_report
 from postdiff.tools.profiler import profile_bundle

@@ -58,9 +58,9 @@ def test_generate_reads_initial_latents(capsys, tiny_bundle: Path, tmp_path: Pat
 
 
 def test_missing_graph_file(capsys, bundle_copy: Path, tmp_path: Path) -> None:
-    (bundle_copy / "unet-16x16-b2-full.onnx").unlink()
+    (bundle_copy / "unet-16x16-b2.onnx").unlink()
     code, err = run_cli(capsys, *gen_args(bundle_copy, tmp_path / "x.png"))
-    assert code == 2 and "unet-16x16-b2-full.onnx is missing" in err and "re-export" in err
+    assert code == 2 and "unet-16x16-b2.onnx is missing" in err and "re-export" in err
     assert not (tmp_path / "x.png").exists()
 
 
@@ -117,7 +117,7 @@ def test_bad_generate_flags(capsys, tiny_bundle: Path, tmp_path: Path, flag: str
 
 
 def test_library_rejects_unknown_scheduler_and_provider(tiny_bundle: Path) -> None:
-    from postdiff.runtime.errors import InputError
+    from postdiff.errors import InputError
     from postdiff.runtime.runners.ort import execution_providers
     from postdiff.runtime.schedulers import make_scheduler
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from postdiff.cli import main
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 from postdiff.runtime.tokenizer import label_id
 
 LABELS = tuple(str(i) for i in range(10))

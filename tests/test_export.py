@@ -11,14 +11,14 @@ import pytest
 from postdiff.exporter import export as export_module
 from postdiff.exporter.export import ExportOptions, export_bundle
 from postdiff.runtime import names
-from postdiff.runtime.errors import InputError, ParityError
+from postdiff.errors import InputError, ParityError
 from postdiff.runtime.manifest import load_manifest, sha256_file
 
 
 def test_manifest_describes_every_graph(tiny_bundle: Path) -> None:
     manifest = load_manifest(tiny_bundle)
-    assert set(manifest.graphs) == {names.TEXT_ENCODER, "unet-16x16-b2-full", names.VAE_DECODER}
-    unet = manifest.graph("unet-16x16-b2-full")
+    assert set(manifest.graphs) == {names.TEXT_ENCODER, "unet-16x16-b2", names.VAE_DECODER}
+    unet = manifest.graph("unet-16x16-b2")
     assert unet.role == names.UNET and unet.variant.latent == (16, 16) and unet.variant.batch == 2
     assert [t.name for t in unet.inputs] == [names.SAMPLE, names.TIMESTEP, names.CONTEXT]
     assert unet.input(names.SAMPLE).shape == (2, 4, 16, 16)
@@ -34,11 +34,11 @@ def test_manifest_describes_every_graph(tiny_bundle: Path) -> None:
 
 
 def test_unet_weights_live_in_one_shared_file(tiny_bundle: Path) -> None:
-    unet_onnx = (tiny_bundle / "unet-16x16-b2-full.onnx").stat().st_size
+    unet_onnx = (tiny_bundle / "unet-16x16-b2.onnx").stat().st_size
     weights = (tiny_bundle / "unet.weights").stat().st_size
     assert weights > 10 * unet_onnx  # the graph holds structure, the weights file the parameters
     files = sorted(p.name for p in tiny_bundle.iterdir())
-    assert files == ["manifest.json", "text_encoder.onnx", "tokenizer.json", "unet-16x16-b2-full.onnx",
+    assert files == ["manifest.json", "text_encoder.onnx", "tokenizer.json", "unet-16x16-b2.onnx",
                      "unet.weights", "vae_decoder.onnx"]
 
 
@@ -72,6 +72,6 @@ def test_existing_destination_is_refused_untouched(tmp_path: Path) -> None:
 def test_fp16_export_runs_and_records_precision(tmp_path: Path) -> None:
     out = tmp_path / "fp16"
     manifest = export_bundle(ExportOptions(source="random:tiny-sd", out=out, precision="fp16"), progress=False)
-    unet = manifest.graph("unet-16x16-b2-full")
+    unet = manifest.graph("unet-16x16-b2")
     assert unet.precision == "fp16" and unet.input(names.SAMPLE).dtype == "float16"
     assert json.loads((out / "manifest.json").read_text())["graphs"]["text_encoder"]["precision"] == "fp32"

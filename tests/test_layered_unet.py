@@ -14,7 +14,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from postdiff.exporter.layered_unet import LayeredUNet, LayerPlan, num_branches, xattn_modules
-from postdiff.runtime.errors import InputError, ModelSourceError
+from postdiff.errors import InputError, ModelSourceError
 from postdiff.runtime.names import DEEP_FEATURE as FEATURE
 from postdiff.runtime.names import xattn_tensor_name
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 from postdiff.tools.evaluate import CLASSIFIER, HELDOUT_FEATURES
 from postdiff.tools.metrics import (PSNR_CAP_DB, DigitClassifier, class_adherence, frechet_distance, psnr,
                                     reference_fidelity, ssim)

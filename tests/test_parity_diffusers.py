@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from postdiff.exporter.reference import DIFFUSERS_SCHEDULERS, diffusers_generate
+from postdiff.exporter.torch_reference import DIFFUSERS_SCHEDULERS, diffusers_generate
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import PRESETS
-from postdiff.exporter.reference import ReferenceExecutor
-from postdiff.runtime.errors import ScheduleError
+from postdiff.exporter.torch_reference import TorchReferenceExecutor
+from postdiff.errors import ScheduleError
 from postdiff.runtime.manifest import UNetVariant
 from postdiff.runtime.names import DEEP_FEATURE, NOISE_PRED, TIMESTEP
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
-from postdiff.runtime.schedule import resolve_schedule
+from postdiff.profiles.presets import resolve_schedule
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m", "euler"])
@@ -24,7 +24,7 @@ def test_runtime_matches_torch_reference(tiny_postdiff_bundle: Path, tiny_model,
     pipeline = Pipeline(tiny_postdiff_bundle)
     options = GenerateOptions(prompt="a blue sphere", negative_prompt="low quality", seed=5,
                               steps=len(schedule.steps), guidance=6.0, scheduler=scheduler)
-    reference = ReferenceExecutor(tiny_model, schedule, pipeline.manifest.model.latent)
+    reference = TorchReferenceExecutor(tiny_model, schedule, pipeline.manifest.model.latent)
     ours = pipeline.generate(options, schedule=schedule)
     latents = pipeline.initial_latents(options.seed, ours_first_shape(pipeline, schedule))
     context = reference.encode(options.prompt, options.negative_prompt, options.guidance)
@@ -73,7 +73,7 @@ def _variant_feed(pipeline: Pipeline, variant: UNetVariant, rng: np.random.Gener
 def test_refresh_equals_full_and_shallow_reproduces_it(tmp_path: Path, branch: int) -> None:
     from postdiff.exporter.export import ExportOptions, export_bundle
     from postdiff.runtime.jsonio import dumps
-    from postdiff.runtime.schedule_builder import ScheduleKnobs, build_schedule
+    from postdiff.profiles.schedule_builder import ScheduleKnobs, build_schedule
 
     deepcache = tmp_path / "deepcache.json"
     deepcache.write_text(dumps(build_schedule(ScheduleKnobs(steps=4, deepcache_interval=2, deepcache_branch=branch),

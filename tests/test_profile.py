@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from postdiff.profiles.device import DeviceProfile, dump_device_profile, load_device_profile
-from postdiff.runtime.errors import InputError, ScheduleError
+from postdiff.errors import InputError, ScheduleError
 from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.runtime.manifest import load_manifest
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
-from postdiff.runtime.schedule import resolve_schedule
+from postdiff.profiles.presets import resolve_schedule
 from postdiff.runtime.schedulers import SCHEDULERS
 from postdiff.tools.profiler import graph_calls, predict_ms, profile_bundle
 
@@ -115,7 +115,7 @@ def test_prediction_adds_the_cold_step_cost(profile: DeviceProfile, tiny_postdif
 def test_graph_calls_follow_the_schedule(tiny_postdiff_bundle: Path) -> None:
     manifest = load_manifest(tiny_postdiff_bundle, verify=False)
     baseline = graph_calls(manifest, resolve_schedule("baseline"))
-    assert baseline == ["text_encoder"] * 2 + ["unet-16x16-b2-full"] * 20 + ["vae_decoder"]
+    assert baseline == ["text_encoder"] * 2 + ["unet-16x16-b2"] * 20 + ["vae_decoder"]
     postdiff = graph_calls(manifest, resolve_schedule("postdiff-sd15"))
     assert len(postdiff) == 2 + 20 + 1 + 1  # one extra x̂0 evaluation at the resolution switch
 
@@ -126,8 +126,8 @@ def test_prediction_refuses_another_bundle(profile: DeviceProfile, tiny_postdiff
     with pytest.raises(InputError, match="another bundle"):
         predict_ms(profile, other, resolve_schedule("baseline"))
     lacking = dataclasses.replace(profile, interleaved={k: v for k, v in profile.interleaved.items()
-                                                      if k != "unet-16x16-b2-full"})
-    with pytest.raises(InputError, match="unet-16x16-b2-full"):
+                                                      if k != "unet-16x16-b2"})
+    with pytest.raises(InputError, match="unet-16x16-b2"):
         predict_ms(lacking, manifest, resolve_schedule("baseline"))
     with pytest.raises(InputError, match="scheduler 'lms'"):
         predict_ms(profile, manifest, resolve_schedule("baseline"), scheduler="lms")
@@ -135,7 +135,7 @@ def test_prediction_refuses_another_bundle(profile: DeviceProfile, tiny_postdiff
 
 def test_prediction_refuses_a_schedule_the_bundle_cannot_run(profile: DeviceProfile,
                                                              tiny_postdiff_bundle: Path, tmp_path: Path) -> None:
-    from postdiff.runtime.schedule_builder import ScheduleKnobs, build_schedule
+    from postdiff.profiles.schedule_builder import ScheduleKnobs, build_schedule
 
     manifest = load_manifest(tiny_postdiff_bundle, verify=False)
     schedule = build_schedule(ScheduleKnobs(steps=4, deepcache_interval=2, deepcache_branch=0), "branch0", "")
@@ -165,7 +165,7 @@ def test_cli_writes_a_profile_without_torch(tiny_postdiff_bundle: Path, tmp_path
             "--warmup", "0", "--quiet"]
     result = subprocess.run(args, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "LEAKED []" in result.stdout and "unet-16x16-b2-full" in result.stdout
+    assert "LEAKED []" in result.stdout and "unet-16x16-b2" in result.stdout
     assert load_device_profile(out).bundle.source == "random:tiny-sd"
     again = subprocess.run(args, capture_output=True, text=True)
     assert again.returncode == 2 and "--overwrite" in again.stderr

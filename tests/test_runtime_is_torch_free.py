@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,18 @@ def test_every_runtime_module_imports_without_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_runtime_imports_nothing_from_the_workstation_side() -> None:
+    """The runtime is the device side: no module of it may import profiles, exporter or tools (the
+    command line and tools import the runtime, never the other way round)."""
+    runtime = Path(__file__).resolve().parents[1] / "runtime"
+    offenders = []
+    for path in sorted(runtime.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(runtime)}: {name}" for name in targets
+                          if name.split(".")[:2] in (["postdiff", "profiles"], ["postdiff", "exporter"],
+                                                     ["postdiff", "tools"], ["postdiff", "cli"])]
+    assert offenders == []

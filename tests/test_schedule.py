@@ -9,12 +9,11 @@ from pathlib import Path
 import pytest
 
 from postdiff.cli import main
-from postdiff.profiles.presets import PRESETS, SCHEDULES_DIR, preset_text
-from postdiff.runtime.errors import ScheduleError
+from postdiff.errors import ScheduleError
+from postdiff.profiles.presets import PRESETS, SCHEDULES_DIR, preset_text, resolve_schedule
+from postdiff.profiles.schedule_builder import ScheduleKnobs, build_schedule
 from postdiff.runtime.jsonio import dumps
-from postdiff.runtime.schedule import (Schedule, Step, latent_size, load_schedule, plan_steps, resolve_schedule,
-                                       validate)
-from postdiff.runtime.schedule_builder import ScheduleKnobs, build_schedule
+from postdiff.runtime.schedule import Schedule, Step, latent_size, load_schedule, plan_steps, validate
 
 
 def test_preset_files_match_their_knobs() -> None:
@@ -27,12 +26,13 @@ def test_postdiff_sd15_preset_is_the_papers_setting() -> None:
     steps = schedule.steps
     assert len(steps) == 20 and schedule.xattn_mode == "cond"
     assert [s.scale for s in steps] == [0.5] * 10 + [1.0] * 10
-    assert [s.cfg for s in steps] == [True] * 6 + [False] * 14  # guidance through the gate step 5
-    assert steps[5].xattn == "capture" and steps[10].xattn == "capture"  # gate, and re-capture at the switch
-    assert all(s.xattn == "reuse" for i, s in enumerate(steps) if i > 5 and i != 10)
+    assert [s.cfg for s in steps] == [True] * 5 + [False] * 15  # T-GATE's gate_step 5: five guided steps
+    assert steps[4].xattn == "write" and steps[10].xattn == "write"  # last guided step, and re-write at the switch
+    assert all(s.xattn == "read" for i, s in enumerate(steps) if i > 4 and i != 10)
     assert steps[10].switch and not any(s.switch for i, s in enumerate(steps) if i != 10)
-    deep = "".join({"refresh": "R", "reuse": "u"}[s.deep] for s in steps)
-    assert deep == "RuRuRRRuRuRuRuRuRuRu"  # interval 2, refreshes forced at the gate, after it and at the switch
+    deep = "".join({"write": "W", "read": "r"}[s.deep] for s in steps)
+    assert deep == "WrWrWWrWrWWrWrWrWrWr"  # interval 2; writes forced at the xattn write, when guidance turns off
+    # (batch 2 -> 1) and at the switch
     assert resolve_schedule("postdiff-beta34").steps[0].scale == 0.75
 
 
@@ -48,12 +48,12 @@ def test_several_low_resolution_stages() -> None:
     schedule = build_schedule(ScheduleKnobs(steps=12, low_res=((0.5, 4), (0.75, 4)), deepcache_interval=2), "s3")
     assert schedule.scales == (0.5, 0.75, 1.0)
     assert [i for i, s in enumerate(schedule.steps) if s.switch] == [4, 8]
-    assert all(schedule.steps[i].deep == "refresh" for i in (0, 4, 8))
+    assert all(schedule.steps[i].deep == "write" for i in (0, 4, 8))
 
 
 def test_nonuniform_deepcache_crowds_refreshes_around_the_centre() -> None:
     schedule = build_schedule(ScheduleKnobs(steps=20, deepcache_interval=3, deepcache_nonuniform=(10, 1.4)), "nu")
-    refreshes = [i for i, s in enumerate(schedule.steps) if s.deep == "refresh"]
+    refreshes = [i for i, s in enumerate(schedule.steps) if s.deep == "write"]
     gaps = [b - a for a, b in zip(refreshes, refreshes[1:])]
     assert refreshes[0] == 0 and min(gaps) < max(gaps)
     near = [i for i in refreshes if 6 <= i <= 14]
@@ -68,21 +68,21 @@ def test_round_trip_through_json(tmp_path: Path) -> None:
 
 
 def _base(**changes) -> Schedule:
-    steps = [Step(scale=0.5), Step(scale=0.5, deep="refresh", branch=1), Step(scale=0.5, deep="reuse", branch=1),
+    steps = [Step(scale=0.5), Step(scale=0.5, deep="write", branch=1), Step(scale=0.5, deep="read", branch=1),
              Step(scale=1.0, switch=True), Step(scale=1.0), Step(scale=1.0)]
-    return Schedule(format_version=1, name="t", steps=tuple(steps), **changes)
+    return Schedule(format_version=2, name="t", steps=tuple(steps), **changes)
 
 
 @pytest.mark.parametrize("index,change,message", [
-    (4, {"deep": "reuse", "branch": 1}, "reuse without a valid cached feature"),
-    (3, {"deep": "reuse", "branch": 1}, "reuse without a valid cached feature"),
+    (4, {"deep": "read", "branch": 1}, "read without a valid cached feature"),
+    (3, {"deep": "read", "branch": 1}, "read without a valid cached feature"),
     (2, {"branch": 2}, "cached feature is from branch 1"),
     (3, {"switch": False}, "switch is False but the scale changes"),
     (4, {"switch": True}, "switch is True but the scale does not change"),
     (4, {"scale": 0.75}, "scale goes down from 1.0 to 0.75"),
-    (4, {"xattn": "reuse", "cfg": False}, "cross-attention reuse without captured maps"),
-    (4, {"xattn": "reuse"}, "needs guidance off"),
-    (2, {"xattn": "capture"}, "a cross-attention capture must compute every attn2"),
+    (4, {"xattn": "read", "cfg": False}, "cross-attention read without written maps"),
+    (4, {"xattn": "read"}, "needs guidance off"),
+    (2, {"xattn": "write"}, "a cross-attention write must compute every attn2"),
     (0, {"deep": "sometimes"}, "deep 'sometimes' is not one of"),
     (0, {"scale": 1.5}, "outside \\(0, 1\\]"),
 ])
@@ -95,21 +95,21 @@ def test_invalid_schedules_are_rejected(index: int, change: dict, message: str) 
 
 
 def test_reuse_after_guidance_change_is_rejected() -> None:
-    steps = (Step(deep="refresh"), Step(cfg=False, deep="reuse"))
-    with pytest.raises(ScheduleError, match="reuse without a valid cached feature"):
-        validate(Schedule(format_version=1, name="t", steps=steps))
+    steps = (Step(deep="write"), Step(cfg=False, deep="read"))
+    with pytest.raises(ScheduleError, match="read without a valid cached feature"):
+        validate(Schedule(format_version=2, name="t", steps=steps))
 
 
 def test_gate_before_switch_needs_recapture() -> None:
-    steps = (Step(scale=0.5, xattn="capture"), Step(scale=0.5, cfg=False, xattn="reuse"),
-             Step(scale=1.0, cfg=False, xattn="reuse", switch=True))
-    with pytest.raises(ScheduleError, match="a resolution switch after the gate needs a re-capture"):
-        validate(Schedule(format_version=1, name="t", steps=steps))
+    steps = (Step(scale=0.5, xattn="write"), Step(scale=0.5, cfg=False, xattn="read"),
+             Step(scale=1.0, cfg=False, xattn="read", switch=True))
+    with pytest.raises(ScheduleError, match="a resolution switch after the gate needs a re-write"):
+        validate(Schedule(format_version=2, name="t", steps=steps))
 
 
 def test_schedule_must_end_at_full_resolution() -> None:
     with pytest.raises(ScheduleError, match="must run at full resolution"):
-        validate(Schedule(format_version=1, name="t", steps=(Step(scale=0.5),)))
+        validate(Schedule(format_version=2, name="t", steps=(Step(scale=0.5),)))
 
 
 def test_unknown_keys_and_versions_are_rejected(tmp_path: Path) -> None:
@@ -127,6 +127,14 @@ def test_unknown_keys_and_versions_are_rejected(tmp_path: Path) -> None:
         resolve_schedule("postdiff-xl")
 
 
+def test_version_1_files_are_refused_with_the_gate_change_named(tmp_path: Path) -> None:
+    data = json.loads(dumps(resolve_schedule("baseline")))
+    data["format_version"] = 1
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    with pytest.raises(ScheduleError, match="version 1 counted --xattn-gate one step later than T-GATE"):
+        load_schedule(tmp_path / "old.json")
+
+
 def test_scales_off_the_grid_name_the_valid_ones() -> None:
     assert latent_size((64, 64), 0.5, 8) == (32, 32)
     assert latent_size((64, 64), 0.75, 8) == (48, 48)
@@ -137,7 +145,7 @@ def test_scales_off_the_grid_name_the_valid_ones() -> None:
 @pytest.mark.parametrize("knobs,message", [
     (ScheduleKnobs(steps=10, low_res=((0.5, 10),)), "at least the last step"),
     (ScheduleKnobs(steps=10, low_res=((0.75, 2), (0.5, 2))), "larger than the previous stage"),
-    (ScheduleKnobs(steps=10, xattn_gate=9), "--xattn-gate 9 must be a step index"),
+    (ScheduleKnobs(steps=10, xattn_gate=10), "--xattn-gate 10 must be in \\[1, 9\\]"),
     (ScheduleKnobs(steps=10, deepcache_interval=0), "--deepcache-interval 0"),
     (ScheduleKnobs(steps=0), "--steps 0 is not positive"),
 ])

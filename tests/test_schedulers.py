@@ -33,7 +33,7 @@ import postdiff.runtime.schedulers.base as base_module
 import postdiff.runtime.schedulers.ddim as ddim_module
 import postdiff.runtime.schedulers.dpmpp_2m as dpm_module
 import postdiff.runtime.schedulers.euler as euler_module
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 from postdiff.runtime.schedulers import (
     CONFIG_KEYS,
     SCHEDULERS,

@@ -12,10 +12,11 @@ import pytest
 from postdiff.cli import build_parser, main
 from postdiff.profiles.tuning import (CHEAPER, FEWER, PAPER, build, candidates, prune_dominated,
                                       tuning_schedules)
-from postdiff.runtime.errors import BundleError, InputError
+from postdiff.errors import BundleError, InputError
 from postdiff.runtime.jsonio import write_json_atomic
-from postdiff.runtime.schedule import graph_variants, load_schedule, resolve_schedule, validate
-from postdiff.runtime.schedule_builder import ScheduleKnobs
+from postdiff.profiles.presets import resolve_schedule
+from postdiff.runtime.schedule import graph_variants, load_schedule, validate
+from postdiff.profiles.schedule_builder import ScheduleKnobs
 from postdiff.tools import tune as tune_module
 from postdiff.tools.calib_rank import average_ranks, spearman
 from postdiff.tools.profiler import profile_bundle

@@ -4,7 +4,7 @@ Rows, each measured in a child process of its own (so that its peak resident mem
 
 * ``runtime:baseline`` -- the 20-step baseline schedule through :class:`~postdiff.runtime.pipeline.Pipeline`;
 * ``diffusers:baseline`` -- the same generation in PyTorch through diffusers
-  (:func:`~postdiff.exporter.reference.diffusers_generate`), from the runtime's initial latents; the
+  (:func:`~postdiff.exporter.torch_reference.diffusers_generate`), from the runtime's initial latents; the
   final latents of the two are compared, so that a speed figure never hides a wrong result;
 * ``runtime:SCHEDULE`` -- one row per ``--schedule`` (preset or schedule file).
 
@@ -32,13 +32,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from postdiff.profiles.device import load_device_profile
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 from postdiff.runtime.executor import ScheduleExecutor, required_graphs
-from postdiff.runtime.explain import total_macs
+from postdiff.tools.explain import total_macs
 from postdiff.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.runners.base import Runner
-from postdiff.runtime.schedule import resolve_schedule
+from postdiff.profiles.presets import resolve_schedule
 from postdiff.tools.evaluate import SD_PROMPTS
 from postdiff.tools.profiler import cpu_model, peak_rss_mb, predict_ms
 
@@ -152,7 +152,7 @@ def measure_diffusers(model: str, scheduler: str, steps: int, guidance: float, p
     import torch
 
     from postdiff.exporter.models import load_model
-    from postdiff.exporter.reference import diffusers_generate
+    from postdiff.exporter.torch_reference import diffusers_generate
 
     loaded = load_model(model)
     initial = np.load(latents)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from postdiff.profiles.tuning import FEWER, build, candidates
-from postdiff.runtime.errors import BundleError, InputError, PostdiffError
+from postdiff.errors import BundleError, InputError, PostdiffError
 from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.runtime.manifest import load_manifest
 from postdiff.tools.tune import TuneCache, decisive_metric, evaluate_fidelity, has_graphs

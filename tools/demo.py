@@ -14,12 +14,12 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from postdiff.runtime.errors import InputError
-from postdiff.runtime.explain import total_macs
+from postdiff.errors import InputError
+from postdiff.tools.explain import total_macs
 from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.runtime.manifest import MANIFEST_NAME, load_manifest
 from postdiff.runtime.pipeline import Pipeline
-from postdiff.runtime.schedule import resolve_schedule
+from postdiff.profiles.presets import resolve_schedule
 from postdiff.tools.evaluate import DigitJudge, fidelity, generate_set, is_digit_model, requests_for
 from postdiff.tools.grid import make_grid
 

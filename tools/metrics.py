@@ -13,7 +13,7 @@ Torch-free on purpose (numpy + onnxruntime only) so that it runs beside the devi
 * :func:`class_adherence` and :func:`reference_fidelity` -- the figures reported by the tools.
 
 Every problem a caller can cause (mismatched shapes, NaNs, a missing model file) raises
-:class:`postdiff.runtime.errors.InputError` with a message naming the value, what was expected and
+:class:`postdiff.errors.InputError` with a message naming the value, what was expected and
 the fix.
 """
 
@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 
 __all__ = [
     "PSNR_CAP_DB",

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from postdiff.profiles.device import (FORMAT_VERSION, BundleRef, DeviceProfile, Machine, Timing, size_key,
                                       switch_key)
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 from postdiff.runtime.executor import concrete, required_graphs, switch_noise
 from postdiff.runtime.manifest import Manifest, TensorSpec, dump_manifest
 from postdiff.runtime.names import TEXT_ENCODER, TIMESTEP, VAE_DECODER

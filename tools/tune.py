@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 
 from postdiff.profiles.device import load_device_profile
 from postdiff.profiles.tuning import CHEAPER, FEWER, MIN_GAIN, Candidate, build, candidates, prune_dominated
-from postdiff.runtime.errors import BundleError, InputError, ScheduleError
+from postdiff.errors import BundleError, InputError, ScheduleError
 from postdiff.runtime.executor import required_graphs
 from postdiff.runtime.jsonio import to_dict, write_json_atomic
 from postdiff.runtime.manifest import Manifest, load_manifest

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 from postdiff.runtime.manifest import GraphSpec
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from postdiff.runtime.errors import BundleError, InputError
+from postdiff.errors import BundleError, InputError
 from postdiff.runtime.manifest import GraphSpec
 from postdiff.runtime.runners.base import Runner
 

@@ -20,7 +20,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 from postdiff.runtime.schedulers.base import VALIDATORS, Scheduler, show
 from postdiff.runtime.schedulers.ddim import DDIMScheduler
 from postdiff.runtime.schedulers.dpmpp_2m import DPMSolverPP2MScheduler

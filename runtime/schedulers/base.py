@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 
 # float32 constants: written out so that no expression silently widens to float64 (numpy < 2
 # promotes float32 scalars combined with Python floats by value).

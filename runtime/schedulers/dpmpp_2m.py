@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from postdiff.runtime.errors import InputError
+from postdiff.errors import InputError
 from postdiff.runtime.schedulers.base import (
     COMMON_DEFAULTS,
     F32_HALF,

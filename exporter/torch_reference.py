@@ -25,7 +25,7 @@ DIFFUSERS_SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepSch
                         "euler": EulerDiscreteScheduler}
 
 
-class ReferenceExecutor:
+class TorchReferenceExecutor:
     """Runs a schedule with torch modules; the same call signature as the runtime's pipeline."""
 
     def __init__(self, model: LoadedModel, schedule: Schedule, latent: tuple[int, int]) -> None:

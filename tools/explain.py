@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from postdiff.runtime.errors import ScheduleError
+from postdiff.errors import ScheduleError
 from postdiff.runtime.executor import concrete
 from postdiff.runtime.manifest import Manifest
+from postdiff.runtime.names import NONE
 from postdiff.runtime.schedule import Schedule, Variant, plan_steps
 
-DEEP_LABEL = {"none": "full", "write": "full+deep", "read": "shallow"}
-XATTN_LABEL = {"none": "", "write": "+xattn-write", "read": "+xattn-read"}
 
 
 @dataclass(frozen=True)
@@ -30,9 +29,11 @@ class StepCost:
 
 
 def variant_label(variant: Variant) -> str:
-    """Human-readable variant, e.g. ``shallow(b1)+xattn-read``."""
-    deep = DEEP_LABEL[variant.deep] + (f"(b{variant.branch})" if variant.deep != "none" else "")
-    return deep + XATTN_LABEL[variant.xattn]
+    """Human-readable variant in the cache-role vocabulary, e.g. ``plain``, ``deep1-write`` or
+    ``deep1-read xattn-read``."""
+    parts = ([f"deep{variant.branch}-{variant.deep}"] if variant.deep != NONE else []) + \
+        ([f"xattn-{variant.xattn}"] if variant.xattn != NONE else [])
+    return " ".join(parts) or "plain"
 
 
 def full_macs_per_sample(manifest: Manifest) -> int:

@@ -1,10 +1,11 @@
 """Building schedules from the PostDiff knobs (the `postdiff schedule` flags and the tuner).
 
-The rules follow DESIGN §1: mixed-resolution stages first; guidance on up to and including the
-cross-attention gate step m, off after it; the gate step captures the attn2 outputs, later steps
-reuse them, and a resolution switch after the gate re-captures; DeepCache refreshes every k-th step
-(or on a non-uniform pattern packed around a centre step) and additionally wherever a cached feature
-would be stale or a capture needs the deep layers.
+The rules follow DESIGN §1: mixed-resolution stages first; the cross-attention gate m is counted
+as T-GATE counts its ``gate_step``: steps 0 … m−1 run with guidance, step m−1 writes the attn2
+outputs, steps m … read them with guidance off, and a resolution switch after the gate re-writes
+them (the maps are spatial); DeepCache writes its feature every k-th step (or on a non-uniform
+pattern packed around a centre step) and additionally wherever a cached feature would be stale
+(new scale, guidance turned off) or an xattn write needs the deep layers.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from postdiff.runtime.errors import ScheduleError
+from postdiff.errors import ScheduleError
+from postdiff.runtime.names import NONE, READ, WRITE
 from postdiff.runtime.schedule import FORMAT_VERSION, XATTN_MODES, Schedule, Step, validate
 
 
@@ -28,7 +30,7 @@ class ScheduleKnobs:
     deepcache_interval: int = 1  # k; 1 = DeepCache off
     deepcache_branch: int = 0
     deepcache_nonuniform: tuple[int, float] | None = None  # (centre step c, power p)
-    xattn_gate: int | None = None  # step m that captures; guidance off after it
+    xattn_gate: int | None = None  # T-GATE's gate_step m: m guided steps, maps written at step m-1
     xattn_mode: str = "cond"
 
 
@@ -40,25 +42,27 @@ def build_schedule(knobs: ScheduleKnobs, name: str, description: str = "") -> Sc
     gate = knobs.xattn_gate
     refresh_at = _refresh_steps(knobs)
     steps: list[Step] = []
-    last_refresh = None
+    last_write = None
     for i, scale in enumerate(scales):
         switch = i > 0 and scale != scales[i - 1]
-        cfg = gate is None or i <= gate
-        if gate is None or i < gate:
-            xattn = "none"
-        elif i == gate or switch:
-            xattn = "capture"  # the gate, and a re-capture after a switch (the maps are spatial)
+        cfg = gate is None or i < gate
+        if gate is None or i < gate - 1:
+            xattn = NONE
+        elif i == gate - 1 or switch:
+            xattn = WRITE  # the last guided step, and a re-write after a switch (the maps are spatial)
         else:
-            xattn = "reuse"
-        deep = "none"
+            xattn = READ
+        deep = NONE
         if knobs.deepcache_interval > 1:
-            forced = (last_refresh is None or switch or xattn == "capture" or (gate is not None and i == gate + 1))
+            # forced: nothing cached yet, a new scale, the deep layers needed for an xattn write, or
+            # the first step without guidance (batch 2 -> 1: the batch-2 feature no longer fits)
+            forced = last_write is None or switch or xattn == WRITE or (gate is not None and i == gate)
             if forced or (i in refresh_at if refresh_at is not None
-                          else i - last_refresh >= knobs.deepcache_interval):
-                deep, last_refresh = "refresh", i
+                          else i - last_write >= knobs.deepcache_interval):
+                deep, last_write = WRITE, i
             else:
-                deep = "reuse"
-        steps.append(Step(scale=scale, cfg=cfg, deep=deep, branch=knobs.deepcache_branch if deep != "none" else 0,
+                deep = READ
+        steps.append(Step(scale=scale, cfg=cfg, deep=deep, branch=knobs.deepcache_branch if deep != NONE else 0,
                           xattn=xattn, switch=switch))
     schedule = Schedule(format_version=FORMAT_VERSION, name=name, steps=tuple(steps), xattn_mode=knobs.xattn_mode,
                         description=description)
@@ -67,14 +71,14 @@ def build_schedule(knobs: ScheduleKnobs, name: str, description: str = "") -> Sc
 
 
 def _refresh_steps(knobs: ScheduleKnobs) -> set[int] | None:
-    """Steps where non-uniform DeepCache refreshes by its own pattern (forced refreshes come on top);
-    None for the uniform pattern, which refreshes k steps after the previous refresh."""
+    """Steps where non-uniform DeepCache writes its feature by its own pattern (forced writes come on
+    top); None for the uniform pattern, which writes k steps after the previous write."""
     k, total = knobs.deepcache_interval, knobs.steps
     if knobs.deepcache_nonuniform is None:
         return None
     centre, power = knobs.deepcache_nonuniform
     count = math.ceil(total / k)
-    # Non-uniform DeepCache: refresh points x_j = c + sign(u_j)|u_j|^p for u_j evenly spaced between
+    # Non-uniform DeepCache: write (refresh) points x_j = c + sign(u_j)|u_j|^p for u_j evenly spaced between
     # -c^(1/p) and (T-1-c)^(1/p): with p > 1 they crowd around the centre step c.
     low, high = -(centre ** (1 / power)), (total - 1 - centre) ** (1 / power)
     u = np.linspace(low, high, count)
@@ -106,9 +110,10 @@ def _check_knobs(knobs: ScheduleKnobs) -> None:
         if not 0 <= centre < knobs.steps or power < 1.0:
             raise ScheduleError(f"--deepcache-nonuniform {centre},{power}: the centre must be a step index in "
                                 f"[0, {knobs.steps}) and the power at least 1")
-    if knobs.xattn_gate is not None and not 0 <= knobs.xattn_gate < knobs.steps - 1:
-        raise ScheduleError(f"--xattn-gate {knobs.xattn_gate} must be a step index in [0, {knobs.steps - 1}) "
-                            "so that at least one step reuses the captured maps")
+    if knobs.xattn_gate is not None and not 1 <= knobs.xattn_gate <= knobs.steps - 1:
+        raise ScheduleError(f"--xattn-gate {knobs.xattn_gate} must be in [1, {knobs.steps - 1}]: it counts the guided "
+                            "steps (T-GATE's gate_step), at least one to write the maps and at least one step "
+                            "after it to read them")
     if knobs.xattn_mode not in XATTN_MODES:
         raise ScheduleError(f"--xattn-mode '{knobs.xattn_mode}' is not one of {list(XATTN_MODES)}")
 
