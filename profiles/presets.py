@@ -39,7 +39,7 @@ PRESETS: dict[str, tuple[ScheduleKnobs, str]] = {
         ScheduleKnobs(steps=6, low_res=((0.5, 2),), deepcache_interval=2, deepcache_branch=1, xattn_gate=3,
                       cfg=False),
         "PostDiff on an LCM (guidance as an embedding, no CFG): 6 steps, the first 2 at 1/2 side length, "
-        "DeepCache interval 2 (branch 1), cross-attention maps captured at step 3 and reused after it",
+        "DeepCache interval 2 (branch 1), cross-attention gate_step 3 (maps written at step 2, read after it)",
     ),
 }
 
