@@ -23,8 +23,8 @@ SD21_SCHEDULER = {
 
 
 def latent_tolerance(theirs: np.ndarray) -> float:
-    """1e-4, or 2e-6 of the latents' scale where a random UNet drives them far past 1 (LCM: ~75)."""
-    return max(1e-4, 2e-6 * float(np.abs(theirs).max()))
+    """1e-4, or 3e-6 of the latents' scale where a random UNet drives them far past 1 (LCM: ~75)."""
+    return max(1e-4, 3e-6 * float(np.abs(theirs).max()))
 
 
 def with_scheduler(bundle: Path, tmp_path: Path, config: dict) -> Path:
@@ -91,7 +91,7 @@ def test_unported_scheduler_class_is_a_clear_error(tiny_bundle: Path, tmp_path: 
     assert pipeline.generate(GenerateOptions(prompt="x", steps=2, scheduler="euler")).latents.shape == (1, 4, 16, 16)
 
 
-@pytest.mark.parametrize("scheduler", [None, "pndm", "euler-ancestral", "dpm-solver", "unipc"])
+@pytest.mark.parametrize("scheduler", [None, *[name for name in DIFFUSERS_SCHEDULERS if name != "ddim"]])
 def test_v_prediction_model_matches_diffusers(tiny_bundle: Path, tiny_model, tmp_path: Path,
                                               scheduler: str | None) -> None:
     """An SD-2.1-style folder (v-prediction, DDIM shipped) through the shipped and other samplers."""
