@@ -23,6 +23,8 @@ import postdiff
 from postdiff.exporter.bundle import check_destination, publish, staging_folder
 from postdiff.exporter.macs import count_macs
 from postdiff.exporter.models import BUILTIN_SPECS, LoadedModel, load_model
+from postdiff.exporter.lora import check_lora_scale, fuse_lora
+from postdiff.exporter.scheduler_config import normalize_config, scheduler_class
 from postdiff.exporter.trace import (OPSET, GraphPlan, export_onnx, half_precision, text_and_decoder_plans,
                                      unet_plan)
 from postdiff.exporter.verify import FP16_TOLERANCE, FP32_TOLERANCE, measure_parity
@@ -33,8 +35,7 @@ from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, Mode
                                        TokenizerSpec, UNetVariant, sha256_file)
 from postdiff.runtime.executor import at_latent
 from postdiff.profiles.presets import resolve_schedule
-from postdiff.runtime.schedule import PLAIN, Schedule, graph_variants
-from postdiff.runtime.schedulers import normalize_config
+from postdiff.runtime.schedule import PLAIN, PLAIN_EMBEDDED, Schedule, graph_variants
 
 PRECISIONS = ("fp32", "fp16")
 UNET_WEIGHTS = "unet.weights"
@@ -51,6 +52,8 @@ class ExportOptions:
     precision: str = "fp32"
     schedules: tuple[str, ...] = ()  # schedule files or preset names; () = plain generation only
     tuning_space: bool = False  # also every variant `postdiff tune` may pick (profiles/tuning.py)
+    lora: str | None = None  # a LoRA .safetensors file fused into the weights before tracing
+    lora_scale: float = 1.0
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -74,10 +77,12 @@ def check_resolution(model: LoadedModel, height: int, width: int) -> None:
         )
 
 
-def unet_variants(schedules: list[Schedule], latent: tuple[int, int], multiple: int) -> list[UNetVariant]:
-    """Every UNet variant the schedules evaluate, made concrete at this bundle's latent size."""
+def unet_variants(schedules: list[Schedule], latent: tuple[int, int], multiple: int,
+                  embedded_guidance: bool = False) -> list[UNetVariant]:
+    """Every UNet variant the schedules evaluate, made concrete at this bundle's latent size
+    (plain generation's when there are none: batch 1 for models that embed the guidance scale)."""
     if not schedules:
-        return [at_latent(PLAIN, latent, multiple)]
+        return [at_latent(PLAIN_EMBEDDED if embedded_guidance else PLAIN, latent, multiple)]
     variants: dict[UNetVariant, None] = {}
     for schedule in schedules:
         for v in graph_variants(schedule):
@@ -91,16 +96,30 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
         raise InputError(f"--precision '{options.precision}' is not supported; expected one of {list(PRECISIONS)}")
     check_destination(options.out)
     schedules = [resolve_schedule(spec) for spec in options.schedules]
+    if options.lora is not None:
+        check_lora_scale(options.lora_scale)
     model = load_model(options.source)
+    if options.lora is not None:
+        fuse_lora(model, Path(options.lora), options.lora_scale)
     height, width = options.resolution or model.default_resolution
     check_resolution(model, height, width)
     latent = (height // model.vae_scale_factor, width // model.vae_scale_factor)
     wanted = list(schedules)
+    embedded = model.unet.config.time_cond_proj_dim is not None  # guidance as an embedding (LCM): no CFG
     if options.tuning_space:  # the variants only: manifest.schedules keeps naming the requested schedules
-        from postdiff.profiles.tuning import tuning_schedules
+        from postdiff.profiles.tuning import LCM_STEPS_FULL, tuning_schedules
 
-        wanted += tuning_schedules(latent=latent, multiple=model.downsample_factor)
-    variants = unet_variants(wanted, latent, model.downsample_factor)
+        wanted += (tuning_schedules(LCM_STEPS_FULL, latent, model.downsample_factor, cfg=False) if embedded
+                   else tuning_schedules(latent=latent, multiple=model.downsample_factor))
+    if embedded:
+        guided = [s.name for s in schedules if any(step.cfg for step in s.steps)]
+        if guided:
+            raise InputError(
+                f"schedule '{guided[0]}' runs classifier-free guidance, but {options.source} takes the guidance "
+                "scale as an embedding (an LCM: one conditional evaluation per step); pass schedules built with "
+                "guidance off (`postdiff schedule --guidance-embedding`, or the presets lcm-4 / postdiff-lcm)")
+        wanted = [s for s in wanted if not any(step.cfg for step in s.steps)]
+    variants = unet_variants(wanted, latent, model.downsample_factor, embedded)
     plans = text_and_decoder_plans(model, height, width) + [unet_plan(model, v) for v in variants]
     if options.precision == "fp16":
         # The text encoder stays fp32: it runs once per prompt, and CLIP's traced LayerNorm does not
@@ -121,10 +140,13 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
                       "diffusers": diffusers.__version__, "onnx": onnx.__version__, "onnx_opset": str(OPSET)},
             model=ModelInfo(source=source_id(options.source), latent_channels=model.unet.config.in_channels,
                             vae_scale_factor=model.vae_scale_factor, downsample_factor=model.downsample_factor,
-                            height=height, width=width, default_guidance=model.default_guidance),
+                            height=height, width=width, default_guidance=model.default_guidance,
+                            guidance_embedding=model.unet.config.time_cond_proj_dim or 0,
+                            lora="" if options.lora is None else f"{Path(options.lora).name} x{options.lora_scale:g}"),
             graphs=graphs,
             tokenizer=_write_tokenizer(model, stage),
             scheduler=normalize_config(model.scheduler_config),
+            scheduler_class=scheduler_class(model.scheduler_config),
             weights=SharedWeights(file=UNET_WEIGHTS, sha256=sha256_file(stage / UNET_WEIGHTS),
                                   tensors=dict(store.entries)),
             schedules=tuple(s.name for s in schedules),

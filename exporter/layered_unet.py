@@ -152,8 +152,6 @@ def _check_unet(unet: Any) -> None:
         "class embeddings (class_embed_type / num_class_embeds)": unet.class_embedding is not None,
         f"addition embeddings (addition_embed_type={config.addition_embed_type!r})":
             config.addition_embed_type is not None or getattr(unet, "add_embedding", None) is not None,
-        f"a timestep condition (time_cond_proj_dim={config.time_cond_proj_dim!r})":
-            config.time_cond_proj_dim is not None,
         f"an encoder hidden-state projection (encoder_hid_dim_type={config.encoder_hid_dim_type!r})":
             unet.encoder_hid_proj is not None,
         f"attention_type={config.attention_type!r} (GLIGEN)":
@@ -376,6 +374,10 @@ class LayeredUNet(torch.nn.Module):
         self.xattn_names = _planned_xattn(self._topo, plan)
         cache_names = [xattn_tensor_name(name) for name in self.xattn_names]
         self.input_names: list[str] = [names.SAMPLE, names.TIMESTEP]
+        # LCM-distilled UNets take the guidance scale as an embedding added to the time embedding.
+        self.time_cond_dim: int | None = unet.config.time_cond_proj_dim
+        if self.time_cond_dim is not None:
+            self.input_names.append(names.TIMESTEP_COND)
         # The context feeds only attn2. A graph that reads every attn2 output, or whose layers hold
         # none (a shallow part without transformers), does not take it: the exporter would drop an
         # unused input anyway, and the graph's inputs must match these names.
@@ -434,6 +436,8 @@ class LayeredUNet(torch.nn.Module):
         shapes = self.cache_shapes(batch, height, width)
         shapes[names.SAMPLE] = (batch, self._topo.in_channels, height, width)
         shapes[names.CONTEXT] = (batch, context_len, self._topo.context_dim)
+        if self.time_cond_dim is not None:
+            shapes[names.TIMESTEP_COND] = (batch, self.time_cond_dim)
         inputs = []
         for name in self.input_names:
             if name == names.TIMESTEP:
@@ -455,6 +459,8 @@ class LayeredUNet(torch.nn.Module):
         batch, _, height, width = (int(d) for d in sample.shape)
         expected = self.cache_shapes(batch, height, width)
         expected[names.TIMESTEP] = (batch,)
+        if self.time_cond_dim is not None:
+            expected[names.TIMESTEP_COND] = (batch, self.time_cond_dim)
         for name, shape in expected.items():
             if name in bound and tuple(bound[name].shape) != shape:
                 raise InputError(f"{name} has shape {tuple(bound[name].shape)}; expected {shape} for a "
@@ -483,7 +489,8 @@ class LayeredUNet(torch.nn.Module):
             processors = {}
         with self._attn2_processors(processors):
             noise_pred, feature = self._run(bound[names.SAMPLE], bound[names.TIMESTEP],
-                                            bound.get(names.CONTEXT), bound.get(names.DEEP_FEATURE))
+                                            bound.get(names.CONTEXT), bound.get(names.DEEP_FEATURE),
+                                            bound.get(names.TIMESTEP_COND))
         outputs = [noise_pred]
         if plan.deep == "write":
             outputs.append(feature)
@@ -509,14 +516,16 @@ class LayeredUNet(torch.nn.Module):
                 self.unet.get_submodule(name).set_processor(processor)
 
     def _run(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None,
-             cached: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             cached: torch.Tensor | None,
+             timestep_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet in diffusers' op order; returns (noise_pred, DeepCache feature or None)."""
         unet, topo, plan = self.unet, self._topo, self.plan
 
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
-        # Time embedding: sinusoidal/Fourier projection (float32) cast to the model dtype, then the MLP.
-        emb = unet.time_embedding(unet.time_proj(timestep).to(dtype=sample.dtype))
+        # Time embedding: sinusoidal/Fourier projection (float32) cast to the model dtype, then the MLP
+        # (which first adds the projected guidance embedding, for LCM-distilled UNets).
+        emb = unet.time_embedding(unet.time_proj(timestep).to(dtype=sample.dtype), timestep_cond)
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
 

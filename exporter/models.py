@@ -39,6 +39,27 @@ SD1_SCHEDULER_CONFIG: dict[str, Any] = {
 }
 
 
+# The scheduler configuration LCM-distilled SD 1.5 checkpoints ship (LCMScheduler, 50 original steps).
+LCM_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "LCMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000,
+    "original_inference_steps": 50,
+    "prediction_type": "epsilon",
+    "rescale_betas_zero_snr": False,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "thresholding": False,
+    "timestep_scaling": 10.0,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+
 class LabelEncoder(torch.nn.Module):
     """Label id -> its rows of the embedding table: ids (1, 1) int64 -> (1, L, D)."""
 
@@ -115,7 +136,7 @@ class LoadedModel:
         return self.text_encoder(ids, return_dict=False)[0]
 
 
-BUILTIN_SPECS = ("digits", "random:tiny-sd", "random:sd15")
+BUILTIN_SPECS = ("digits", "random:tiny-sd", "random:tiny-lcm", "random:sd15")
 
 
 def load_model(source: str) -> LoadedModel:
@@ -128,6 +149,8 @@ def load_model(source: str) -> LoadedModel:
         return _load_label_folder(BUILTIN_DIR / "digits", "digits")
     if source == "random:tiny-sd":
         return _random_tiny_sd()
+    if source == "random:tiny-lcm":
+        return _random_tiny_sd(lcm=True)
     if source == "random:sd15":
         return _random_sd15()
     if source.startswith("random:"):
@@ -244,8 +267,10 @@ def _text_encoder(tokenizer: CLIPTokenizer, **config: Any) -> CLIPTextModel:
     ))
 
 
-def _random_tiny_sd() -> LoadedModel:
-    """A few-hundred-kB SD-shaped pipeline: exports in seconds, for tests."""
+def _random_tiny_sd(lcm: bool = False) -> LoadedModel:
+    """A few-hundred-kB SD-shaped pipeline: exports in seconds, for tests. With ``lcm`` it is
+    shaped as an LCM-distilled one: the UNet takes a 32-long guidance embedding
+    (``time_cond_proj_dim``) and the model ships LCMScheduler."""
     torch.manual_seed(0)
     tokenizer = build_byte_tokenizer()
     text_encoder = _text_encoder(tokenizer, vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
@@ -254,12 +279,17 @@ def _random_tiny_sd() -> LoadedModel:
         sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
+        time_cond_proj_dim=32 if lcm else None,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         norm_num_groups=8, sample_size=32,
     )
+    if lcm:
+        model = _finish("random:tiny-lcm", tokenizer, text_encoder, unet, vae, LCM_SCHEDULER_CONFIG)
+        model.default_guidance = 8.0  # LCM's usual w + 1 (diffusers' LCM examples use 8.0)
+        return model
     return _finish("random:tiny-sd", tokenizer, text_encoder, unet, vae, SD1_SCHEDULER_CONFIG)
 
 

@@ -9,10 +9,15 @@ UNet modules wrapped by :class:`~postdiff.exporter.layered_unet.LayeredUNet`.
 
 from __future__ import annotations
 
+import inspect
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import diffusers
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
 from postdiff.exporter.layered_unet import LayeredUNet, LayerPlan
 from postdiff.runtime.names import DEEP_FEATURE, xattn_tensor_name
@@ -20,9 +25,40 @@ from postdiff.exporter.models import LoadedModel
 from postdiff.runtime import names
 from postdiff.runtime.executor import switch_noise
 from postdiff.runtime.schedule import Schedule, Variant, latent_size, plan_steps
+from postdiff.runtime.schedulers import SCHEDULERS, make_scheduler
+from postdiff.runtime.schedulers.base import step_noise
+from postdiff.exporter.scheduler_config import normalize_config
 
-DIFFUSERS_SCHEDULERS = {"ddim": DDIMScheduler, "dpmpp-2m": DPMSolverMultistepScheduler,
-                        "euler": EulerDiscreteScheduler}
+#: The diffusers class of every sampler the runtime ports, by registry name.
+DIFFUSERS_SCHEDULERS = {name: getattr(diffusers, cls.diffusers_class) for name, cls in SCHEDULERS.items()}
+
+
+def diffusers_scheduler(name: str, config: dict) -> object:
+    """diffusers' own scheduler ``name`` (a key of SCHEDULERS) from a model's scheduler config."""
+    return DIFFUSERS_SCHEDULERS[name].from_config(config)
+
+
+def inference_steps_for(name: str, config: dict, count: int) -> int:
+    """The ``num_inference_steps`` that make sampler ``name`` give ``count`` timesteps (PNDM: one fewer)."""
+    return make_scheduler(name, normalize_config(config)).num_inference_steps_for(count)
+
+
+@contextmanager
+def seeded_noise(name: str, seed: int, start: int = 0) -> Iterator[None]:
+    """While active, the noise diffusers' stochastic sampler ``name`` draws is the runtime's:
+    draw k is ``step_noise(seed, start + k)`` (one draw per step, in step order), so that the torch
+    reference and diffusers' pipeline reproduce the runtime's seeded Euler Ancestral / LCM runs."""
+    if not SCHEDULERS[name].stochastic:
+        yield
+        return
+    module = inspect.getmodule(DIFFUSERS_SCHEDULERS[name])
+    original = module.randn_tensor
+    drawn = itertools.count(start)
+    module.randn_tensor = lambda shape, **kwargs: torch.from_numpy(step_noise(seed, next(drawn), tuple(shape)))
+    try:
+        yield
+    finally:
+        module.randn_tensor = original
 
 
 class TorchReferenceExecutor:
@@ -44,22 +80,27 @@ class TorchReferenceExecutor:
     def run(self, scheduler_name: str, latents: np.ndarray, context: torch.Tensor, guidance: float,
             seed: int) -> np.ndarray:
         """Final latents for initial noise ``latents`` (numpy, at the first step's size)."""
-        scheduler = DIFFUSERS_SCHEDULERS[scheduler_name].from_config(self.model.scheduler_config)
-        scheduler.set_timesteps(len(self.schedule.steps))
+        config = self.model.scheduler_config
+        scheduler = diffusers_scheduler(scheduler_name, config)
+        scheduler.set_timesteps(inference_steps_for(scheduler_name, config, len(self.schedule.steps)))
         self._feature, self._xattn = None, {}
         x = torch.from_numpy(latents) * scheduler.init_noise_sigma
-        for plan, t in zip(plan_steps(self.schedule), scheduler.timesteps):
-            if plan.switch_from is not None:
-                eps = self._evaluate(plan.switch_from, scheduler, x, t, context, guidance)
-                x0 = _predict_x0(scheduler, eps, t, x)
-                size = self._size(plan.variant)
-                up = F.interpolate(x0, size=size, mode="bilinear", align_corners=False)
-                noise = torch.from_numpy(switch_noise(seed, plan.index, tuple(up.shape)))
-                x = scheduler.add_noise(up, noise, t.reshape(1))
-                _reset_history(scheduler)
-                self._feature = None
-            eps = self._evaluate(plan.variant, scheduler, x, t, context, guidance)
-            x = scheduler.step(eps, t, x, return_dict=False)[0]
+        no_warm_up = False
+        with seeded_noise(scheduler_name, seed):
+            for plan, t in zip(plan_steps(self.schedule), scheduler.timesteps):
+                if plan.switch_from is not None:
+                    eps = self._evaluate(plan.switch_from, scheduler, x, t, context, guidance)
+                    x0 = _predict_x0(scheduler, eps, t, x)
+                    size = self._size(plan.variant)
+                    up = F.interpolate(x0, size=size, mode="bilinear", align_corners=False)
+                    noise = torch.from_numpy(switch_noise(seed, plan.index, tuple(up.shape)))
+                    x = scheduler.add_noise(up, noise, t.reshape(1))
+                    no_warm_up = _reset_history(scheduler) or no_warm_up
+                    self._feature = None
+                eps = self._evaluate(plan.variant, scheduler, x, t, context, guidance)
+                x = scheduler.step(eps, t, x, return_dict=False)[0]
+                if no_warm_up and scheduler.counter == 1:
+                    scheduler.counter = 2  # PNDM after a reset: Adams-Bashforth, no second warm-up
         return x.numpy()
 
     def _size(self, variant: Variant) -> tuple[int, int]:
@@ -81,6 +122,9 @@ class TorchReferenceExecutor:
             names.CONTEXT: context if variant.batch == 2 else context[1:],
             DEEP_FEATURE: self._feature,
         }
+        if module.time_cond_dim is not None:
+            values[names.TIMESTEP_COND] = torch_guidance_embedding(guidance, module.time_cond_dim).expand(
+                variant.batch, -1)
         values.update(self._xattn)
         outputs = dict(zip(module.output_names, module(*(values[n] for n in module.input_names))))
         if variant.deep == "write":
@@ -99,6 +143,14 @@ class TorchReferenceExecutor:
         return uncond + guidance * (cond - uncond)
 
 
+def torch_guidance_embedding(guidance: float, dim: int) -> torch.Tensor:
+    """diffusers' own guidance-scale embedding of w = guidance - 1 (what its pipelines feed an LCM UNet)."""
+    from diffusers import StableDiffusionPipeline
+
+    w = torch.tensor([guidance - 1.0])
+    return StableDiffusionPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim)
+
+
 @torch.no_grad()
 def encode_pair(model: LoadedModel, prompt: str, negative_prompt: str, guidance: float) -> torch.Tensor:
     """[negative; positive] conditioning states (2, L', D); both rows are the prompt's when guidance is off."""
@@ -110,44 +162,87 @@ def encode_pair(model: LoadedModel, prompt: str, negative_prompt: str, guidance:
 
 
 def _predict_x0(scheduler, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """diffusers' own x̂0 for the sample ``x`` at ``t`` (without advancing the scheduler)."""
-    if isinstance(scheduler, DDIMScheduler):
+    """diffusers' own x̂0 for the sample ``x`` at ``t`` (without advancing the scheduler): each class's
+    conversion where it has one, else the formula its step uses."""
+    if isinstance(scheduler, diffusers.DDIMScheduler):
         return scheduler.step(eps, t, x, return_dict=True).pred_original_sample  # stateless
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
-        if scheduler.step_index is None:
-            scheduler._init_step_index(t)
-        return scheduler.convert_model_output(eps, sample=x)
+    abar = scheduler.alphas_cumprod[int(t)]
+    if isinstance(scheduler, (diffusers.PNDMScheduler, diffusers.LCMScheduler)):
+        if scheduler.config.prediction_type == "epsilon":
+            x0 = (x - (1 - abar) ** 0.5 * eps) / abar**0.5
+        elif scheduler.config.prediction_type == "v_prediction":
+            x0 = abar**0.5 * x - (1 - abar) ** 0.5 * eps
+        else:
+            x0 = eps
+        if isinstance(scheduler, diffusers.PNDMScheduler):
+            return x0
+        # LCM: the consistency function's output (what its step re-noises)
+        if scheduler.config.clip_sample:
+            x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t)
+        return c_out * x0 + c_skip * x
     if scheduler.step_index is None:
         scheduler._init_step_index(t)
+    if isinstance(scheduler, diffusers.DPMSolverMultistepScheduler):
+        if scheduler.config.algorithm_type == "dpmsolver++":
+            return scheduler.convert_model_output(eps, sample=x)
+    if isinstance(scheduler, diffusers.UniPCMultistepScheduler) and scheduler.predict_x0:
+        return scheduler.convert_model_output(eps, sample=x)
     sigma = scheduler.sigmas[scheduler.step_index]
+    if isinstance(scheduler, (diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler)):
+        alpha_t, sigma_t = scheduler._sigma_to_alpha_sigma_t(sigma)
+        if scheduler.config.prediction_type == "epsilon":
+            return (x - sigma_t * eps) / alpha_t
+        if scheduler.config.prediction_type == "v_prediction":
+            return alpha_t * x - sigma_t * eps
+        return eps
+    # Euler / Euler Ancestral, in sigma space
     if scheduler.config.prediction_type == "epsilon":
         return x - sigma * eps
-    # v-prediction in sigma space: x0 = -sigma/(sigma^2+1)^0.5 * v + x/(sigma^2+1)
-    return eps * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        # v-prediction in sigma space: x0 = -sigma/(sigma^2+1)^0.5 * v + x/(sigma^2+1)
+        return eps * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
+    return eps
 
 
-def _reset_history(scheduler) -> None:
-    """Forget multistep history so the next step is first order (DPM-Solver++), keep the position."""
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
+def _reset_history(scheduler) -> bool:
+    """Forget multistep history so the next step is first order, keep the position (the runtime's
+    ``Scheduler.reset``). Returns True for PNDM, whose warm-up must not run again: the caller then
+    moves its step counter past the warm-up's special step."""
+    if isinstance(scheduler, (diffusers.DPMSolverMultistepScheduler, diffusers.UniPCMultistepScheduler)):
         scheduler.model_outputs = [None] * scheduler.config.solver_order
         scheduler.lower_order_nums = 0
+    if isinstance(scheduler, diffusers.UniPCMultistepScheduler):
+        scheduler.last_sample = None
+    if isinstance(scheduler, diffusers.PNDMScheduler):
+        scheduler.ets, scheduler.counter, scheduler.cur_sample = [], 0, None
+        return True
+    return False
 
 
 @torch.no_grad()
 def diffusers_generate(model: LoadedModel, scheduler_name: str, prompt: str, negative_prompt: str, steps: int,
-                       guidance: float, latents: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+                       guidance: float, latents: np.ndarray, height: int, width: int,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Plain generation in PyTorch, the way diffusers does it: final latents and uint8 image (H, W, C).
 
     Text-conditioned models run diffusers' own ``StableDiffusionPipeline`` (then its VAE and image
     processor). Label-conditioned pixel-space models (``digits``) have no diffusers pipeline; they
     run the same loop on the diffusers UNet and scheduler: scale the duplicated sample, one batch-2
-    UNet call, classifier-free guidance, scheduler step.
+    UNet call, classifier-free guidance, scheduler step. ``steps`` is diffusers' num_inference_steps;
+    ``seed`` seeds the noise of the stochastic samplers as the runtime does (:func:`seeded_noise`).
     """
+    scheduler = diffusers_scheduler(scheduler_name, model.scheduler_config)
+    with seeded_noise(scheduler_name, seed):
+        return _diffusers_generate(model, scheduler, prompt, negative_prompt, steps, guidance, latents, height, width)
+
+
+def _diffusers_generate(model: LoadedModel, scheduler, prompt: str, negative_prompt: str, steps: int, guidance: float,
+                        latents: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     from diffusers import StableDiffusionPipeline
 
     from postdiff.runtime.image import to_uint8
 
-    scheduler = DIFFUSERS_SCHEDULERS[scheduler_name].from_config(model.scheduler_config)
     if model.labels:
         context = encode_pair(model, prompt, negative_prompt, guidance)
         scheduler.set_timesteps(steps)

@@ -15,6 +15,7 @@ from typing import Callable
 
 from postdiff import __version__
 from postdiff.errors import InputError, PostdiffError
+from postdiff.runtime.schedulers import SCHEDULERS  # numpy only: the sampler registry for --scheduler
 
 EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
 
@@ -25,7 +26,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     resolution = parse_resolution(args.resolution) if args.resolution else None
     options = ExportOptions(source=args.model, out=Path(args.out), resolution=resolution, precision=args.precision,
-                            schedules=tuple(args.schedule or ()), tuning_space=args.tuning_space)
+                            schedules=tuple(args.schedule or ()), tuning_space=args.tuning_space,
+                            lora=args.lora, lora_scale=args.lora_scale)
     started = time.perf_counter()
     manifest = export_bundle(options, progress=not args.quiet)
     worst = max(g.parity.max_abs_diff for g in manifest.graphs.values())
@@ -97,7 +99,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     knobs, name, description = knobs_from_flags(
         preset=args.preset, steps=args.steps, low_res=args.low_res, deepcache_interval=args.deepcache_interval,
         deepcache_branch=args.deepcache_branch, deepcache_nonuniform=args.deepcache_nonuniform,
-        xattn_gate=args.xattn_gate, xattn_mode=args.xattn_mode)
+        xattn_gate=args.xattn_gate, xattn_mode=args.xattn_mode, guidance_embedding=args.guidance_embedding)
     schedule = build_schedule(knobs, args.name or name, description)
     manifest = load_manifest(Path(args.bundle), verify=False) if args.bundle else None
     if args.explain:
@@ -183,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help=_cmd_export.__doc__, description=_cmd_export.__doc__)
     export.add_argument("model", help="local diffusers folder (SD 1.x/2.x layout) or a built-in spec: "
-                                      "digits (the embedded MNIST model), random:tiny-sd, random:sd15")
+                                      "digits (the embedded MNIST model), random:tiny-sd, random:tiny-lcm, random:sd15")
     export.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
     export.add_argument("--resolution", metavar="HxW", help="image size in pixels (default: the model's)")
     export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="graph precision")
@@ -192,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "the plain full-resolution graph)")
     export.add_argument("--tuning-space", action="store_true",
                         help="also export every graph variant the candidates of `postdiff tune` need")
+    export.add_argument("--lora", metavar="PATH",
+                        help="LoRA .safetensors file (diffusers/PEFT or kohya format, e.g. LCM-LoRA) to fuse into the "
+                             "exported weights")
+    export.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                        help="strength of the fused LoRA, as diffusers' fuse_lora(lora_scale=S) (default: 1.0)")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(handler=_cmd_export)
 
@@ -207,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float,
                      help="classifier-free guidance scale; <= 1 turns guidance off (default: the model's, "
                           "7.5 for Stable Diffusion)")
-    gen.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp-2m", "euler"],
-                     help="sampler (default: ddim)")
+    gen.add_argument("--scheduler", choices=list(SCHEDULERS),
+                     help="sampler (default: the one the model ships, recorded in the bundle; an error naming "
+                          "the supported ones if postdiff does not port it)")
     gen.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
                      help="ONNX Runtime execution provider (default: cpu)")
     gen.add_argument("--latents", metavar="NPY", help="initial latents (1, C, h, w) float32 instead of seeded noise")
@@ -219,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_cmd_generate)
 
     sched = sub.add_parser("schedule", help=_cmd_schedule.__doc__, description=_cmd_schedule.__doc__)
-    sched.add_argument("--preset", help="start from a preset (baseline, fewer-steps, postdiff-sd15, postdiff-beta34); "
-                                        "the other flags override its knobs")
+    sched.add_argument("--preset", help="start from a preset (baseline, fewer-steps, postdiff-sd15, postdiff-beta34, "
+                                        "lcm-4, postdiff-lcm); the other flags override its knobs")
     sched.add_argument("--steps", type=int, help="total denoising steps (default 20)")
     sched.add_argument("--low-res", nargs="+", metavar="SCALE:STEPS",
                        help="low-resolution stages before full resolution, e.g. 0.5:10 or 0.5:6 0.75:4")
@@ -233,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "off and cached maps after it")
     sched.add_argument("--xattn-mode", choices=["cond", "ave"], help="keep the conditional maps (PostDiff) or "
                                                                       "their mean with the unconditional (T-GATE)")
+    sched.add_argument("--guidance-embedding", action="store_true",
+                       help="no classifier-free guidance on any step: for models that take the guidance scale as "
+                            "an embedding (LCM), which run one conditional evaluation per step")
     sched.add_argument("--name", help="schedule name (default: the preset's, or 'custom')")
     sched.add_argument("--out", metavar="SCHEDULE.json", help="file to write")
     sched.add_argument("--explain", action="store_true", help="print the per-step table and predicted speed-up")
@@ -249,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="schedule (preset or file) to time against the baseline; repeatable "
                             "(default: postdiff-sd15)")
     bench.add_argument("--resolution", metavar="HxW", help="export resolution in pixels (default: the model's)")
-    bench.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp-2m", "euler"])
+    bench.add_argument("--scheduler", choices=list(SCHEDULERS),
+                       help="sampler (default: the one the model ships)")
     bench.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
     bench.add_argument("--prompt", help="prompt (default: an SD prompt, or a label model's first label)")
     bench.add_argument("--repeats", type=int, default=3,
@@ -288,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="calibration samples per candidate (seeds 0..N-1; default: 128 -- on digits, 32 samples did "
                            "not rank candidates as 256 do, 128 did)")
     tune.add_argument("--workers", type=int, metavar="W", help="processes measuring fidelity (default: one per CPU)")
-    tune.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp-2m", "euler"],
-                      help="sampler to tune for (default: ddim)")
+    tune.add_argument("--scheduler", choices=list(SCHEDULERS),
+                      help="sampler to tune for (default: the one the model ships)")
     tune.add_argument("--timing-runs", type=int, default=5, metavar="R",
                       help="timed generations per candidate for the measured latency (default: 5)")
     tune.add_argument("--slack", type=float, default=0.5,

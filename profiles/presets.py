@@ -33,6 +33,14 @@ PRESETS: dict[str, tuple[ScheduleKnobs, str]] = {
         "PostDiff with beta = 3/4 (the paper's setting for SDXL and PixArt-alpha): first 10 of 20 steps at 3/4 "
         "side length, DeepCache interval 2 (branch 1), cross-attention gate_step 5 (5 guided steps, Cond)",
     ),
+    "lcm-4": (ScheduleKnobs(steps=4, cfg=False),
+              "4 full-resolution LCM steps (guidance as an embedding, no CFG): the usual LCM setting"),
+    "postdiff-lcm": (
+        ScheduleKnobs(steps=6, low_res=((0.5, 2),), deepcache_interval=2, deepcache_branch=1, xattn_gate=3,
+                      cfg=False),
+        "PostDiff on an LCM (guidance as an embedding, no CFG): 6 steps, the first 2 at 1/2 side length, "
+        "DeepCache interval 2 (branch 1), cross-attention gate_step 3 (maps written at step 2, read after it)",
+    ),
 }
 
 

@@ -32,6 +32,9 @@ class ScheduleKnobs:
     deepcache_nonuniform: tuple[int, float] | None = None  # (centre step c, power p)
     xattn_gate: int | None = None  # T-GATE's gate_step m: m guided steps, maps written at step m-1
     xattn_mode: str = "cond"
+    # False: no step runs classifier-free guidance (models that take the guidance scale as an
+    # embedding, LCM: one conditional evaluation per step, batch 1)
+    cfg: bool = True
 
 
 def build_schedule(knobs: ScheduleKnobs, name: str, description: str = "") -> Schedule:
@@ -45,7 +48,7 @@ def build_schedule(knobs: ScheduleKnobs, name: str, description: str = "") -> Sc
     last_write = None
     for i, scale in enumerate(scales):
         switch = i > 0 and scale != scales[i - 1]
-        cfg = gate is None or i < gate
+        cfg = knobs.cfg and (gate is None or i < gate)
         if gate is None or i < gate - 1:
             xattn = NONE
         elif i == gate - 1 or switch:
@@ -121,7 +124,7 @@ def _check_knobs(knobs: ScheduleKnobs) -> None:
 def knobs_from_flags(preset: str | None = None, steps: int | None = None, low_res: list[str] | None = None,
                      deepcache_interval: int | None = None, deepcache_branch: int | None = None,
                      deepcache_nonuniform: str | None = None, xattn_gate: int | None = None,
-                     xattn_mode: str | None = None) -> tuple[ScheduleKnobs, str, str]:
+                     xattn_mode: str | None = None, guidance_embedding: bool = False) -> tuple[ScheduleKnobs, str, str]:
     """Knobs from `postdiff schedule` flags, starting from ``preset``'s when given.
 
     Returns:
@@ -147,6 +150,8 @@ def knobs_from_flags(preset: str | None = None, steps: int | None = None, low_re
         changes["xattn_gate"] = xattn_gate
     if xattn_mode is not None:
         changes["xattn_mode"] = xattn_mode
+    if guidance_embedding and knobs.cfg:
+        changes["cfg"] = False
     if changes:
         description = f"{preset} with {', '.join(f'{k}={v}' for k, v in changes.items())}" if preset else ""
     return replace(knobs, **changes), (preset if preset and not changes else "custom"), description

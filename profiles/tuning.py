@@ -36,6 +36,13 @@ mostly be near-duplicates; the space is instead "one knob at a time" around two 
 
 That is 7 + 11 + 12 + 12 = 42 candidates for T = 20.
 
+Models that take the guidance scale as an embedding (LCM) run no classifier-free guidance: their
+space is the same construction with ``cfg=False`` on every step and ``steps_full`` =
+:data:`LCM_STEPS_FULL` = 8, so the ``fewer steps`` family spans 2-8 steps and the ``cheaper steps``
+family keeps 8 and 6 steps (levers scaled as above: low-res 0.5:4, DeepCache k=2 branch 1, gate
+m=2 ...). Each lever still means what it means with guidance: the gate captures the
+cross-attention maps of its step and later steps replay them.
+
 Dominance pruning (:func:`prune_dominated`, once predicted latencies are known). Every lever is an
 approximation: switching one more on can only move the images further from the baseline's, so it
 is worth it only if it buys speed. Candidate A is *nested over* candidate B when both are in the
@@ -61,6 +68,8 @@ FEWER = "fewer steps"
 CHEAPER = "cheaper steps"
 FAMILIES = (FEWER, CHEAPER)
 REFERENCE_STEPS = 20  # the step indices and counts below are written for a 20-step schedule
+#: The baseline step count of the space for models that embed the guidance scale (LCM: 2-8 steps).
+LCM_STEPS_FULL = 8
 
 #: Step counts of the ``fewer steps`` family for a 20-step baseline.
 FEWER_STEPS = (4, 6, 8, 10, 12, 15, 20)
@@ -112,7 +121,7 @@ def _scaled(index: int, steps: int) -> int:
     return max(1, int(index * steps / REFERENCE_STEPS + 0.5))
 
 
-def _knobs(steps: int, levers: Mapping[str, str]) -> ScheduleKnobs:
+def _knobs(steps: int, levers: Mapping[str, str], cfg: bool = True) -> ScheduleKnobs:
     low = tuple((scale, _scaled(count, steps)) for scale, count in LOW_RES[levers["low_res"]])
     interval, branch, nonuniform = DEEPCACHE[levers["deepcache"]]
     if nonuniform is not None:
@@ -120,7 +129,7 @@ def _knobs(steps: int, levers: Mapping[str, str]) -> ScheduleKnobs:
     gate, mode = XATTN[levers["xattn"]]
     return ScheduleKnobs(steps=steps, low_res=low, deepcache_interval=interval, deepcache_branch=branch,
                          deepcache_nonuniform=nonuniform,
-                         xattn_gate=None if gate is None else _scaled(gate, steps), xattn_mode=mode)
+                         xattn_gate=None if gate is None else _scaled(gate, steps), xattn_mode=mode, cfg=cfg)
 
 
 def _name(knobs: ScheduleKnobs) -> str:
@@ -137,8 +146,9 @@ def _name(knobs: ScheduleKnobs) -> str:
     return "-".join(parts)
 
 
-def candidates(steps_full: int = 20) -> list[Candidate]:
-    """Every candidate of the space (see the module docstring), baseline first.
+def candidates(steps_full: int = 20, cfg: bool = True) -> list[Candidate]:
+    """Every candidate of the space (see the module docstring), baseline first; with ``cfg`` False
+    no step runs classifier-free guidance (models that embed the guidance scale, LCM).
 
     Names spell out the knobs as built (``t15-lr0.5:8-dck2b1-g4cond`` is the paper's preset scaled
     to 15 steps); ``levers`` keep the option names written for T = 20.
@@ -152,7 +162,7 @@ def candidates(steps_full: int = 20) -> list[Candidate]:
     found: dict[str, Candidate] = {}
 
     def add(steps: int, levers: Mapping[str, str]) -> None:
-        knobs = _knobs(steps, levers)
+        knobs = _knobs(steps, levers, cfg)
         name = _name(knobs)
         if name in found:
             return
@@ -193,13 +203,13 @@ def on_grid(schedule: Schedule, latent: tuple[int, int], multiple: int) -> bool:
 
 
 def tuning_schedules(steps_full: int = 20, latent: tuple[int, int] | None = None,
-                     multiple: int | None = None) -> list[Schedule]:
+                     multiple: int | None = None, cfg: bool = True) -> list[Schedule]:
     """Every candidate built (what ``postdiff export --tuning-space`` exports the variants of).
 
     With ``latent`` and ``multiple`` (a model's full latent size and grid), candidates whose
     low-resolution scales are off that grid are left out rather than failing the export.
     """
-    schedules = [build(c) for c in candidates(steps_full)]
+    schedules = [build(c) for c in candidates(steps_full, cfg)]
     if latent is not None and multiple is not None:
         schedules = [s for s in schedules if on_grid(s, latent, multiple)]
     return schedules

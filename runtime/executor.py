@@ -16,7 +16,9 @@ from tqdm.auto import tqdm
 
 from postdiff.errors import ScheduleError
 from postdiff.runtime.manifest import Manifest, UNetVariant
-from postdiff.runtime.names import CONTEXT, DEEP_FEATURE, NOISE_PRED, SAMPLE, TIMESTEP, XATTN_PREFIX
+from postdiff.runtime.guidance import guidance_embedding
+from postdiff.runtime.names import (CONTEXT, DEEP_FEATURE, NOISE_PRED, SAMPLE, TIMESTEP, TIMESTEP_COND,
+                                   XATTN_PREFIX)
 from postdiff.runtime.resize import resize_bilinear
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.schedule import Schedule, StepPlan, Variant, graph_variants, latent_size, plan_steps
@@ -79,6 +81,7 @@ class _Graph:
     timestep_dtype: np.dtype
     context_dtype: np.dtype | None  # None: the graph takes no context (its attn2 outputs are replayed)
     xattn_inputs: tuple[str, ...]
+    cond_dtype: np.dtype | None = None  # the guidance embedding's, for UNets that take one (LCM)
 
 
 class ScheduleExecutor:
@@ -87,6 +90,13 @@ class ScheduleExecutor:
     def __init__(self, manifest: Manifest, schedule: Schedule, runner: Callable[[str], Runner]) -> None:
         self.manifest = manifest
         self.schedule = schedule
+        if manifest.model.guidance_embedding and any(step.cfg for step in schedule.steps):
+            raise ScheduleError(
+                f"schedule '{schedule.name}' runs classifier-free guidance, but this bundle's model takes the "
+                "guidance scale as an embedding (LCM) and runs one conditional evaluation per step; use a "
+                "schedule built with guidance off on every step (`postdiff schedule --guidance-embedding`, "
+                "or a preset such as lcm-4 / postdiff-lcm)"
+            )
         self._plans = plan_steps(schedule)
         self._graph_of = resolve_graphs(manifest, schedule)  # ScheduleError before any compute
         self.graph_names = list(dict.fromkeys(self._graph_of.values()))
@@ -107,7 +117,7 @@ class ScheduleExecutor:
         final full-resolution latents.
 
         Args:
-            scheduler: a fresh scheduler; its timesteps are set here to the schedule's length.
+            scheduler: a fresh scheduler; its timesteps are set here, one per step of the schedule.
             context: [negative; positive] encoder states (2, L, D).
             guidance: classifier-free guidance scale for the steps with ``cfg`` on (<= 1: off, the
                 conditional prediction alone).
@@ -117,7 +127,8 @@ class ScheduleExecutor:
             ScheduleError: the scheduler's configuration yields another number of timesteps than
                 the schedule has steps.
         """
-        scheduler.set_timesteps(len(self._plans))
+        # One timestep per step; a sampler that revisits a timestep (PNDM) needs fewer inference steps.
+        scheduler.set_timesteps(scheduler.num_inference_steps_for(len(self._plans)))
         timesteps = scheduler.timesteps
         if len(timesteps) != len(self._plans):
             raise ScheduleError(
@@ -126,6 +137,8 @@ class ScheduleExecutor:
                 "some, e.g. lambda_min_clipped); use another scheduler or fewer steps"
             )
         self._feature, self._xattn, self._contexts = None, {}, {}
+        dim = self.manifest.model.guidance_embedding
+        self._cond = guidance_embedding(guidance, dim) if dim else None
         x = latents * np.float32(scheduler.init_noise_sigma)
         for plan, t in tqdm(list(zip(self._plans, timesteps)), desc=self.schedule.name, disable=not progress,
                             leave=False):
@@ -153,7 +166,8 @@ class ScheduleExecutor:
             runner = self._runner(self._graph_of[variant])
             inputs = {t.name: np.dtype(t.dtype) for t in runner.spec.inputs}
             self._graphs[variant] = _Graph(runner, inputs[SAMPLE], inputs[TIMESTEP], inputs.get(CONTEXT),
-                                           tuple(n for n in inputs if n.startswith(XATTN_PREFIX)))
+                                           tuple(n for n in inputs if n.startswith(XATTN_PREFIX)),
+                                           inputs.get(TIMESTEP_COND))
         return self._graphs[variant]
 
     def _context(self, context: np.ndarray, batch: int, dtype: np.dtype) -> np.ndarray:
@@ -172,6 +186,8 @@ class ScheduleExecutor:
                 TIMESTEP: np.full((variant.batch,), t, dtype=graph.timestep_dtype)}
         if graph.context_dtype is not None:
             feed[CONTEXT] = self._context(context, variant.batch, graph.context_dtype)
+        if graph.cond_dtype is not None:
+            feed[TIMESTEP_COND] = np.repeat(self._cond, variant.batch, axis=0).astype(graph.cond_dtype, copy=False)
         if variant.deep == "read":
             feed[DEEP_FEATURE] = self._feature
         if variant.xattn == "read":

@@ -122,6 +122,10 @@ class ModelInfo:
     height: int  # image pixels
     width: int
     default_guidance: float = 7.5
+    # Length of the guidance-scale embedding the UNet takes as ``timestep_cond`` (LCM-distilled
+    # models: runtime/guidance.py computes it); 0: the model uses classifier-free guidance instead.
+    guidance_embedding: int = 0
+    lora: str = ""  # the LoRA fused into the weights at export ("file.safetensors xSCALE"), if any
 
     @property
     def latent(self) -> tuple[int, int]:
@@ -138,9 +142,10 @@ class Manifest:
     model: ModelInfo
     graphs: dict[str, GraphSpec]
     tokenizer: TokenizerSpec
-    scheduler: dict[str, Any]
+    scheduler: dict[str, Any]  # the model's scheduler_config.json, normalised (exporter/scheduler_config.py)
     weights: SharedWeights
     schedules: tuple[str, ...] = ()  # the schedules the bundle was exported for
+    scheduler_class: str = ""  # the diffusers class the model ships: generate's default sampler
 
     @cached_property
     def unet_graphs(self) -> dict[UNetVariant, str]:

@@ -12,6 +12,7 @@ HIDDEN_STATES = "last_hidden_state"  # text encoder out: (1, L, D)
 SAMPLE = "sample"  # UNet in: (B, C, h, w) scaled latents
 TIMESTEP = "timestep"  # UNet in: (B,) float32
 CONTEXT = "encoder_hidden_states"  # UNet in: (B, L, D)
+TIMESTEP_COND = "timestep_cond"  # UNet in: (B, D') guidance-scale embedding, models distilled with one (LCM)
 NOISE_PRED = "noise_pred"  # UNet out: (B, C, h, w)
 
 LATENTS = "latents"  # VAE decoder in: (1, C, h, w) unscaled latents

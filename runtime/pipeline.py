@@ -22,7 +22,7 @@ from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.ort import OrtRunner
 from postdiff.runtime.runners.weights import WeightPool
 from postdiff.runtime.schedule import Schedule, plain_schedule
-from postdiff.runtime.schedulers import make_scheduler
+from postdiff.runtime.schedulers import Scheduler, default_scheduler, make_scheduler
 from postdiff.runtime.tokenizer import PromptTokenizer
 
 
@@ -35,7 +35,7 @@ class GenerateOptions:
     seed: int = 0
     steps: int = 20
     guidance: float = 7.5
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # a key of SCHEDULERS; None: the sampler the model ships
 
     def validate(self) -> None:
         """Raise InputError for values no schedule can run."""
@@ -145,6 +145,17 @@ class Pipeline:
         negative = self.encode_prompt(options.negative_prompt) if options.guidance > 1.0 else positive
         return np.concatenate([negative, positive])
 
+    @property
+    def default_scheduler(self) -> str:
+        """The sampler the bundle's model ships (InputError listing the supported ones if unported)."""
+        return default_scheduler(self.manifest.scheduler_class)
+
+    def scheduler(self, options: GenerateOptions) -> Scheduler:
+        """A fresh ``options.scheduler`` (default: the shipped one) from the manifest's config,
+        seeded by ``options.seed`` (the stochastic samplers' noise)."""
+        name = options.scheduler if options.scheduler is not None else self.default_scheduler
+        return make_scheduler(name, self.manifest.scheduler, seed=options.seed)
+
     def generate(self, options: GenerateOptions, latents: np.ndarray | None = None, progress: bool = False,
                  schedule: Schedule | None = None) -> Generation:
         """Generate one image; ``latents`` overrides the seeded initial noise.
@@ -154,9 +165,13 @@ class Pipeline:
         choice; all the graphs it needs are checked to exist before any compute.
         """
         options.validate()
-        executor = self.executor(schedule if schedule is not None else plain_schedule(options.steps))
+        scheduler = self.scheduler(options)
+        if schedule is None:
+            # As diffusers' pipeline: ``steps`` inference steps, one model call per timestep they give.
+            scheduler.set_timesteps(options.steps)
+            schedule = plain_schedule(len(scheduler.timesteps), cfg=not self.manifest.model.guidance_embedding)
+        executor = self.executor(schedule)
         shape = executor.first_latent_shape()
         latents = self.initial_latents(options.seed, shape) if latents is None else self.check_latents(latents, shape)
-        scheduler = make_scheduler(options.scheduler, self.manifest.scheduler)
         final = executor.run(scheduler, latents, self.encode_pair(options), options.guidance, options.seed, progress)
         return Generation(latents=final, image=self.decode(final)[0])

@@ -8,20 +8,53 @@ import numpy as np
 import pytest
 
 from postdiff.exporter.torch_reference import DIFFUSERS_SCHEDULERS, diffusers_generate
+from postdiff.errors import InputError
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
+
+# stable-diffusion-2-1's scheduler_config.json (v-prediction, DDIM, "leading" spacing).
+SD21_SCHEDULER = {
+    "_class_name": "DDIMScheduler", "_diffusers_version": "0.19.0", "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
+    "clip_sample_range": 1.0, "dynamic_thresholding_ratio": 0.995, "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction", "rescale_betas_zero_snr": False, "sample_max_value": 1.0,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "thresholding": False,
+    "timestep_spacing": "leading", "trained_betas": None,
+}
+
+
+def latent_tolerance(theirs: np.ndarray) -> float:
+    """1e-4, or 3e-6 of the latents' scale where a random UNet drives them far past 1 (LCM: ~75)."""
+    return max(1e-4, 3e-6 * float(np.abs(theirs).max()))
+
+
+def with_scheduler(bundle: Path, tmp_path: Path, config: dict) -> Path:
+    """A copy of ``bundle`` whose manifest records another scheduler config (as an export of the
+    same model with that scheduler_config.json would: graphs are unchanged)."""
+    import json
+    import shutil
+
+    from postdiff.exporter.scheduler_config import normalize_config, scheduler_class
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["scheduler"] = normalize_config(config)
+    manifest["scheduler_class"] = scheduler_class(config)
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return copy
 
 
 def diffusers_generation(model, scheduler: str, options: GenerateOptions, latents: np.ndarray,
                          height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Final latents and uint8 image from diffusers for the same inputs."""
     return diffusers_generate(model, scheduler, options.prompt, options.negative_prompt, options.steps,
-                              options.guidance, latents, height, width)
+                              options.guidance, latents, height, width, seed=options.seed)
 
 
 @pytest.mark.parametrize("scheduler", sorted(DIFFUSERS_SCHEDULERS))
 def test_generation_matches_diffusers(tiny_bundle: Path, tiny_model, scheduler: str) -> None:
     pipeline = Pipeline(tiny_bundle)
-    options = GenerateOptions(prompt="a red cube on a table", negative_prompt="blurry", seed=3, steps=12,
+    options = GenerateOptions(prompt="a red cube on a table", negative_prompt="blurry", seed=3, steps=8,
                               guidance=7.5, scheduler=scheduler)
     latents = pipeline.initial_latents(options.seed)
     ours = pipeline.generate(options, latents=latents)
@@ -31,8 +64,50 @@ def test_generation_matches_diffusers(tiny_bundle: Path, tiny_model, scheduler: 
     latent_diff = float(np.max(np.abs(ours.latents - theirs_latents)))
     image_diff = int(np.max(np.abs(ours.image.astype(int) - theirs_image.astype(int))))
     print(f"{scheduler}: final latents max abs diff {latent_diff:.2e}, image max diff {image_diff}/255")
-    assert latent_diff <= 1e-4
+    assert latent_diff <= latent_tolerance(theirs_latents)
     assert image_diff <= 1
+
+
+def test_default_is_the_shipped_scheduler(tiny_bundle: Path, tiny_model) -> None:
+    """tiny-sd ships SD 1.x's PNDMScheduler: generate without --scheduler runs PNDM (recorded in the
+    manifest) and reproduces diffusers' default pipeline, which builds the same class."""
+    pipeline = Pipeline(tiny_bundle)
+    assert pipeline.manifest.scheduler_class == "PNDMScheduler" and pipeline.default_scheduler == "pndm"
+    options = GenerateOptions(prompt="a red cube", seed=4, steps=6, guidance=7.5)
+    latents = pipeline.initial_latents(options.seed)
+    ours = pipeline.generate(options, latents=latents)
+    np.testing.assert_array_equal(ours.latents, pipeline.generate(
+        GenerateOptions(prompt="a red cube", seed=4, steps=6, guidance=7.5, scheduler="pndm"), latents=latents).latents)
+    theirs, _ = diffusers_generation(tiny_model, "pndm", options, latents, 32, 32)
+    assert float(np.max(np.abs(ours.latents - theirs))) <= 1e-4
+
+
+def test_unported_scheduler_class_is_a_clear_error(tiny_bundle: Path, tmp_path: Path) -> None:
+    bundle = with_scheduler(tiny_bundle, tmp_path, {"_class_name": "LMSDiscreteScheduler", "beta_schedule": "linear"})
+    pipeline = Pipeline(bundle)
+    with pytest.raises(InputError, match=r"ships LMSDiscreteScheduler, which postdiff does not port; supported: "
+                                         r"DDIMScheduler \(ddim\), PNDMScheduler \(pndm\).*--scheduler NAME"):
+        pipeline.generate(GenerateOptions(prompt="x", steps=2))
+    assert pipeline.generate(GenerateOptions(prompt="x", steps=2, scheduler="euler")).latents.shape == (1, 4, 16, 16)
+
+
+@pytest.mark.parametrize("scheduler", [None, *[name for name in DIFFUSERS_SCHEDULERS if name != "ddim"]])
+def test_v_prediction_model_matches_diffusers(tiny_bundle: Path, tiny_model, tmp_path: Path,
+                                              scheduler: str | None) -> None:
+    """An SD-2.1-style folder (v-prediction, DDIM shipped) through the shipped and other samplers."""
+    import copy
+
+    pipeline = Pipeline(with_scheduler(tiny_bundle, tmp_path, SD21_SCHEDULER))
+    model = copy.copy(tiny_model)
+    model.scheduler_config = dict(SD21_SCHEDULER)
+    options = GenerateOptions(prompt="a red cube", negative_prompt="blurry", seed=6, steps=8, guidance=7.5,
+                              scheduler=scheduler)
+    latents = pipeline.initial_latents(options.seed)
+    ours = pipeline.generate(options, latents=latents)
+    theirs, _ = diffusers_generation(model, scheduler or "ddim", options, latents, 32, 32)
+    diff = float(np.max(np.abs(ours.latents - theirs)))
+    print(f"v-prediction / {scheduler or 'ddim (shipped)'}: final latents max abs diff {diff:.2e}")
+    assert diff <= latent_tolerance(theirs)
 
 
 def test_guidance_off_uses_the_conditional_prediction(tiny_bundle: Path, tiny_model) -> None:
@@ -60,9 +135,9 @@ def test_label_model_matches_the_diffusers_loop(tmp_path: Path) -> None:
     bundle = tmp_path / "digits"
     export_bundle(ExportOptions(source="digits", out=bundle), progress=False)
     pipeline = Pipeline(bundle)
-    options = GenerateOptions(prompt="3", seed=5, steps=10, guidance=3.0, scheduler="dpmpp-2m")
+    options = GenerateOptions(prompt="3", seed=5, steps=10, guidance=3.0, scheduler="dpm-solver")
     latents = pipeline.initial_latents(options.seed)
     ours = pipeline.generate(options, latents=latents)
-    theirs_latents, theirs_image = diffusers_generation(load_model("digits"), "dpmpp-2m", options, latents, 32, 32)
+    theirs_latents, theirs_image = diffusers_generation(load_model("digits"), "dpm-solver", options, latents, 32, 32)
     assert float(np.max(np.abs(ours.latents - theirs_latents))) <= 1e-4
     assert int(np.max(np.abs(ours.image.astype(int) - theirs_image.astype(int)))) <= 1

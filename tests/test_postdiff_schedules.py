@@ -3,6 +3,7 @@ variants against each other."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +16,10 @@ from postdiff.runtime.manifest import UNetVariant
 from postdiff.runtime.names import DEEP_FEATURE, NOISE_PRED, TIMESTEP
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.profiles.presets import resolve_schedule
+from postdiff.runtime.schedulers import SCHEDULERS
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpmpp-2m", "euler"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_runtime_matches_torch_reference(tiny_postdiff_bundle: Path, tiny_model, preset: str, scheduler: str) -> None:
     schedule = resolve_schedule(preset)
@@ -31,7 +33,8 @@ def test_runtime_matches_torch_reference(tiny_postdiff_bundle: Path, tiny_model,
     theirs = reference.run(scheduler, latents, context, options.guidance, options.seed)
     diff = float(np.max(np.abs(ours.latents - theirs)))
     print(f"{preset} / {scheduler}: runtime vs torch reference max abs diff {diff:.2e}")
-    assert diff <= 1e-4
+    # 1e-4, or 3e-6 of the latents' scale where the random UNet drives them far past 1 (LCM: ~75)
+    assert diff <= max(1e-4, 3e-6 * float(np.abs(theirs).max()))
 
 
 def ours_first_shape(pipeline: Pipeline, schedule) -> tuple[int, ...]:
@@ -40,9 +43,10 @@ def ours_first_shape(pipeline: Pipeline, schedule) -> tuple[int, ...]:
 
 def test_baseline_schedule_is_identical_to_plain_generation(tiny_postdiff_bundle: Path) -> None:
     pipeline = Pipeline(tiny_postdiff_bundle)
-    for scheduler in ("ddim", "dpmpp-2m", "euler"):
+    for scheduler in SCHEDULERS:
         options = GenerateOptions(prompt="a cat", seed=2, steps=20, scheduler=scheduler)
-        plain = pipeline.generate(options)
+        # 20 model calls: PNDM's 19 inference steps (its warm-up revisits one timestep)
+        plain = pipeline.generate(replace(options, steps=19) if scheduler == "pndm" else options)
         scheduled = pipeline.generate(options, schedule=resolve_schedule("baseline"))
         assert np.array_equal(plain.latents, scheduled.latents)
         assert np.array_equal(plain.image, scheduled.image)
@@ -55,7 +59,7 @@ def test_a_scheduler_that_drops_timesteps_is_refused(tiny_bundle: Path) -> None:
 
     pipeline = Pipeline(tiny_bundle)
     config = {**pipeline.manifest.scheduler, "timestep_spacing": "trailing", "lambda_min_clipped": -2.0}
-    scheduler = make_scheduler("dpmpp-2m", config)
+    scheduler = make_scheduler("dpm-solver", config)
     executor = pipeline.executor(resolve_schedule("baseline"))
     latents = pipeline.initial_latents(0)
     context = pipeline.encode_pair(GenerateOptions(prompt="a cat"))

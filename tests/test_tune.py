@@ -186,7 +186,7 @@ def test_tune_end_to_end_then_resume(tiny_postdiff_bundle: Path, device: Path, t
         raise AssertionError("a cached candidate was generated again")
 
     monkeypatch.setattr(tune_module, "generate_set", no_generation)
-    monkeypatch.setattr(tune_module, "candidates", lambda steps_full=20: list(pool))  # the CLI's space
+    monkeypatch.setattr(tune_module, "candidates", lambda steps_full=20, cfg=True: list(pool))  # the CLI's space
     code = main(tune_args(tiny_postdiff_bundle, device, tmp_path / "again.json", "--budget-ms",
                           str(frontier["budget_ms"] * 0.9)))
     printed = capsys.readouterr().out

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from postdiff.profiles.device import load_device_profile
 from postdiff.errors import InputError
+from postdiff.runtime.schedulers import default_scheduler, make_scheduler
 from postdiff.runtime.executor import ScheduleExecutor, required_graphs
 from postdiff.tools.explain import total_macs
 from postdiff.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
@@ -58,7 +59,7 @@ class BenchOptions:
     bundle: Path | None = None
     schedules: tuple[str, ...] = ("postdiff-sd15",)
     resolution: tuple[int, int] | None = None  # export resolution (pixels); None: the model's
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # a key of SCHEDULERS; None: the sampler the bundle's model ships
     seed: int = 0
     repeats: int = 3
     weights: str = "auto"  # how UNet sessions hold weights: auto | shared | per-session
@@ -256,6 +257,11 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
         scratch = Path(scratch_dir)
         bundle = prepare_bundle(options, scratch, specs, progress)
         manifest = load_manifest(bundle, verify=True)  # the children skip the sha256 check
+        if options.scheduler is None:
+            options = replace(options, scheduler=default_scheduler(manifest.scheduler_class))
+        # diffusers' pipeline takes inference steps: as many as give the baseline's model calls (PNDM: one fewer)
+        diffusers_steps = make_scheduler(options.scheduler, manifest.scheduler).num_inference_steps_for(
+            len(plans[0].steps))
         for plan in plans:
             required_graphs(manifest, plan)  # ScheduleError naming the graphs the bundle lacks
         predicted = [predict_ms(profile, manifest, plan, options.scheduler) for plan in plans] if profile else None
@@ -273,7 +279,7 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
             save.mkdir()
             if index is None:
                 row = run_child(what, {"kind": "diffusers", "model": model, "scheduler": options.scheduler,
-                                 "steps": len(plans[0].steps), "guidance": manifest.model.default_guidance,
+                                 "steps": diffusers_steps, "guidance": manifest.model.default_guidance,
                                  "prompt": prompt, "latents": str(scratch / "row0" / "initial.npy"),
                                  "height": manifest.model.height, "width": manifest.model.width,
                                  "repeats": options.repeats, "save": str(save)})

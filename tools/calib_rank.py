@@ -26,6 +26,7 @@ import numpy as np
 
 from postdiff.profiles.tuning import FEWER, build, candidates
 from postdiff.errors import BundleError, InputError, PostdiffError
+from postdiff.runtime.schedulers import SCHEDULERS
 from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.runtime.manifest import load_manifest
 from postdiff.tools.tune import TuneCache, decisive_metric, evaluate_fidelity, has_graphs
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", type=int, default=32, help="small calibration size (default 32)")
     parser.add_argument("--large", type=int, default=256, help="large calibration size (default 256)")
     parser.add_argument("--workers", type=int, default=1, help="processes measuring fidelity (default 1)")
-    parser.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp-2m", "euler"])
+    parser.add_argument("--scheduler", default="ddim", choices=list(SCHEDULERS))
     parser.add_argument("--cache", help="tune cache (JSON lines) to read and extend")
     parser.add_argument("--json", help="also write the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

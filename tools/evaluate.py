@@ -60,7 +60,7 @@ def requests_for(pipeline: Pipeline, count: int, first_seed: int = 0) -> list[Re
     return [Request(first_seed + i, SD_PROMPTS[i % len(SD_PROMPTS)]) for i in range(count)]
 
 
-def generate_set(pipeline: Pipeline, schedule: Schedule, requests: list[Request], scheduler: str = "ddim",
+def generate_set(pipeline: Pipeline, schedule: Schedule, requests: list[Request], scheduler: str | None = None,
                  progress: bool = True) -> SampleSet:
     """Generate every request with ``schedule``; latency is the median wall time of one generation
     (robust to a stray slow call, and the statistic a device profile predicts)."""

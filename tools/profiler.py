@@ -36,7 +36,7 @@ from postdiff.runtime.names import TEXT_ENCODER, TIMESTEP, VAE_DECODER
 from postdiff.runtime.pipeline import Pipeline
 from postdiff.runtime.resize import resize_bilinear
 from postdiff.runtime.schedule import Schedule, plan_steps
-from postdiff.runtime.schedulers import SCHEDULERS, make_scheduler
+from postdiff.runtime.schedulers import available_schedulers, make_scheduler
 
 #: Timestep fed to UNet graphs while timing them (any valid value: graph cost does not depend on it).
 PROFILE_TIMESTEP = 500
@@ -139,7 +139,7 @@ def _scheduler_step(name: str, manifest: Manifest, size: tuple[int, int], calls:
     scale the model input, combine the guided prediction, step (batch 2 in, one latent out, as with
     guidance on); ``i`` walks the timesteps of a ``calls``-step schedule."""
     scheduler = make_scheduler(name, manifest.scheduler)
-    scheduler.set_timesteps(min(max(calls, 1), scheduler.num_train_timesteps))
+    scheduler.set_timesteps(min(max(calls, 1), scheduler.max_inference_steps))
     timesteps = scheduler.timesteps
     shape = (1, manifest.model.latent_channels, *size)
     x = rng.standard_normal(shape, dtype=np.float32)
@@ -286,7 +286,8 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
     sizes = unet_latent_sizes(manifest)
     pairs = switch_pairs(sizes)
     names = sorted(manifest.graphs)
-    bar = tqdm(total=len(names) + 1 + len(SCHEDULERS) * len(sizes) + len(pairs), desc="profile", unit="op",
+    samplers = available_schedulers(manifest.scheduler)  # those this bundle's config can configure
+    bar = tqdm(total=len(names) + 1 + len(samplers) * len(sizes) + len(pairs), desc="profile", unit="op",
                disable=not progress)
     peak_gpu = gpu_memory_mb() if provider != "cpu" else None
     feeds = {name: random_feed(pipeline.runner(name).spec.inputs, rng, timestep) for name in names}
@@ -307,7 +308,7 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
                                                    for s in values]) for size in sizes}
     bar.update()
     scheduler_step: dict[str, dict[str, Timing]] = {}
-    for scheduler in SCHEDULERS:
+    for scheduler in samplers:
         for size in sizes:
             bar.set_postfix_str(f"{scheduler} step {size_key(size)}")
             step = _scheduler_step(scheduler, manifest, size, warmup + repeats, rng)

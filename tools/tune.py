@@ -56,14 +56,15 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from postdiff.profiles.device import load_device_profile
-from postdiff.profiles.tuning import CHEAPER, FEWER, MIN_GAIN, Candidate, build, candidates, prune_dominated
+from postdiff.profiles.tuning import (CHEAPER, FEWER, LCM_STEPS_FULL, MIN_GAIN, REFERENCE_STEPS, Candidate, build,
+                                     candidates, prune_dominated)
 from postdiff.errors import BundleError, InputError, ScheduleError
 from postdiff.runtime.executor import required_graphs
 from postdiff.runtime.jsonio import to_dict, write_json_atomic
 from postdiff.runtime.manifest import Manifest, load_manifest
 from postdiff.runtime.pipeline import Pipeline
 from postdiff.runtime.schedule import Schedule
-from postdiff.runtime.schedulers import SCHEDULERS
+from postdiff.runtime.schedulers import SCHEDULERS, default_scheduler
 from postdiff.tools.evaluate import (DigitJudge, Request, SampleSet, fidelity, generate_set, is_digit_model,
                                      requests_for)
 from postdiff.tools.profiler import manifest_digest, predict_ms
@@ -86,12 +87,12 @@ class TuneOptions:
     speedup: float | None = None  # budget = predicted baseline latency / speedup
     calib: int = 128  # calibration requests per candidate
     workers: int | None = None  # processes measuring fidelity; None: os.cpu_count()
-    scheduler: str = "ddim"
+    scheduler: str | None = None  # a key of SCHEDULERS; None: the sampler the bundle's model ships
     timing_runs: int = 5  # timed generations per candidate for measured_ms (after one warm-up)
     slack: float = 0.5  # measure cheaper-steps candidates predicted within budget * (1 + slack)
     min_gain: float = MIN_GAIN  # see profiles.tuning.prune_dominated
     cache: Path | None = None  # default: tune-cache.jsonl in out's folder
-    steps_full: int = 20  # the baseline's step count
+    steps_full: int | None = None  # the baseline's step count (None: 20, or LCM_STEPS_FULL for an LCM)
     space: tuple[Candidate, ...] | None = None  # candidates to consider; None: profiles.tuning.candidates()
 
 
@@ -375,7 +376,7 @@ def _check_options(options: TuneOptions) -> None:
         raise InputError(f"--timing-runs {options.timing_runs} must be at least 1")
     if not (math.isfinite(options.slack) and options.slack >= 0):
         raise InputError(f"--slack {options.slack} must be 0 or more (e.g. 0.5: measure up to 1.5x the budget)")
-    if options.scheduler not in SCHEDULERS:
+    if options.scheduler is not None and options.scheduler not in SCHEDULERS:
         raise InputError(f"--scheduler '{options.scheduler}' is not one of {list(SCHEDULERS)}")
     if not Path(options.out).parent.is_dir():
         raise InputError(f"--out {options.out}: folder {Path(options.out).parent} does not exist; create it first")
@@ -401,9 +402,14 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     _check_options(options)
     bundle, out = Path(options.bundle), Path(options.out)
     manifest = load_manifest(bundle, verify=True)  # every file's sha256, once; the rest skip it
+    if options.scheduler is None:
+        options = replace(options, scheduler=default_scheduler(manifest.scheduler_class))
+    cfg = not manifest.model.guidance_embedding  # LCM: no classifier-free guidance, a 2-8 step space
+    if options.steps_full is None:
+        options = replace(options, steps_full=REFERENCE_STEPS if cfg else LCM_STEPS_FULL)
     profile = load_device_profile(Path(options.device))
-    space = list(options.space) if options.space is not None else candidates(options.steps_full)
-    baseline = next((c for c in candidates(options.steps_full)
+    space = list(options.space) if options.space is not None else candidates(options.steps_full, cfg)
+    baseline = next((c for c in candidates(options.steps_full, cfg)
                      if c.family == FEWER and c.steps == options.steps_full), None)
     if baseline is None:
         raise InputError(f"the candidate space has no plain {options.steps_full}-step baseline; "

@@ -1,4 +1,4 @@
-"""What the three numpy schedulers share: the config schema, the noise schedule, the base class.
+"""What the numpy schedulers share: the config schema, the noise schedules, the base class.
 
 The ports are written to reproduce diffusers 0.42.1 (run with torch 2.13 on CPU) in float32, in the
 same order of operations, so a trajectory stepped here stays within ~1e-6 of the same trajectory
@@ -40,9 +40,11 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 INTERPOLATION_TYPES = ("linear",)
-SOLVER_TYPES = ("midpoint", "heun")
+# Every solver_type a diffusers multistep solver accepts; each sampler maps the other family's names
+# onto its own default, as diffusers does (DPM-Solver: bh1/bh2/logrho -> midpoint; UniPC: the reverse).
+SOLVER_TYPES = ("midpoint", "heun", "logrho", "bh1", "bh2")
 
-_FIX = "fix the scheduler config (or normalize_config() the model's scheduler_config.json again)"
+_FIX = "fix the model's scheduler_config.json and re-export, or pick another sampler with --scheduler"
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,6 +98,23 @@ def _check_lambda_min(key: str, value: Any) -> float:
     return float(value)
 
 
+def _check_optional_positive(key: str, value: Any) -> float | None:
+    return None if value is None else _check_positive(key, value)
+
+
+def _check_str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _bad(key, value, "a string")
+    return value
+
+
+def _check_int_list(key: str, value: Any) -> list[int]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (Sequence, np.ndarray)) or any(
+            isinstance(v, bool) or not isinstance(v, Integral) for v in value):
+        raise _bad(key, value, "a list of step indices")
+    return [int(v) for v in value]
+
+
 def _one_of(choices: Sequence[str]) -> Callable[[str, Any], str]:
     def check(key: str, value: Any) -> str:
         if value not in choices:
@@ -141,6 +160,58 @@ VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "lambda_min_clipped": _check_lambda_min,
     "solver_type": _one_of(SOLVER_TYPES),
     "interpolation_type": _one_of(INTERPOLATION_TYPES),
+    "solver_order": _int_at_least(1),
+    "algorithm_type": _check_str,  # each solver checks the values it ports
+    "use_karras_sigmas": _check_bool,
+    "sigma_min": _check_optional_positive,
+    "sigma_max": _check_optional_positive,
+    "skip_prk_steps": _check_bool,
+    "predict_x0": _check_bool,
+    "disable_corrector": _check_int_list,
+    "original_inference_steps": _int_at_least(1),
+    "timestep_scaling": _check_positive,
+}
+
+
+def _off(key: str, value: Any, config: Mapping[str, Any]) -> str | None:
+    return None if value in (None, False) else "false (not ported)"
+
+
+def _timestep_type(key: str, value: Any, config: Mapping[str, Any]) -> str | None:
+    if value in (None, "discrete"):
+        return None
+    if value == "continuous" and config.get("prediction_type", "epsilon") != "v_prediction":
+        return None  # diffusers treats it as discrete unless the model predicts v
+    return "'discrete' (continuous v-prediction timesteps are not ported)"
+
+
+def _variance_type(key: str, value: Any, config: Mapping[str, Any]) -> str | None:
+    if value in ("learned", "learned_range"):
+        return "a fixed variance (learned-variance model outputs are not ported)"
+    return None
+
+
+def _interpolation(key: str, value: Any, config: Mapping[str, Any]) -> str | None:
+    return None if value in (None, "linear") else "'linear' ('log_linear' is not ported)"
+
+
+#: Keys of the mirrored diffusers classes whose non-default values these ports do not reproduce.
+#: A sampler lists the ones its diffusers class has (``UNPORTED``); a config that turns one on is
+#: an error for that sampler only. A check returns None when the value is harmless, else what
+#: would be. Keys a sampler's class does not have are ignored, as ``from_config`` ignores them.
+UNPORTED_CHECKS: dict[str, Callable[[str, Any, Mapping[str, Any]], str | None]] = {
+    "thresholding": _off,
+    "rescale_betas_zero_snr": _off,
+    "use_karras_sigmas": _off,
+    "use_exponential_sigmas": _off,
+    "use_beta_sigmas": _off,
+    "use_lu_lambdas": _off,
+    "use_flow_sigmas": _off,
+    "use_dynamic_shifting": _off,
+    "shift_terminal": _off,
+    "timestep_type": _timestep_type,
+    "variance_type": _variance_type,
+    "interpolation_type": _interpolation,
 }
 
 # Defaults every diffusers scheduler class we mirror shares.
@@ -155,26 +226,29 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 
 
-def resolve_config(config: Mapping[str, Any], defaults: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """Validate ``config`` (keys of :data:`VALIDATORS` only) and fill in ``defaults``.
+def resolve_config(config: Mapping[str, Any], defaults: Mapping[str, Any], unported: Sequence[str],
+                   name: str) -> dict[str, Any]:
+    """The values of the keys in ``defaults`` (validated, or the default where ``config`` lacks them).
 
-    Keys that ``defaults`` does not list are validated and then dropped: they mean nothing to
-    this scheduler.
+    ``config`` is the scheduler configuration a bundle's manifest holds (the model's
+    scheduler_config.json as the exporter normalised it). Keys of ``unported`` must hold a value
+    that changes nothing (else InputError naming key, value and sampler); every other key belongs
+    to some other scheduler class and is ignored, as diffusers' ``from_config`` ignores it.
     """
     if not isinstance(config, Mapping):
         raise InputError(
-            f"scheduler config is a {type(config).__name__}; expected a mapping of config keys; "
-            "pass normalize_config(<scheduler_config.json dict>)"
+            f"scheduler config is a {type(config).__name__}; expected a mapping of config keys "
+            "(the manifest's 'scheduler' entry); re-export the bundle"
         )
-    unknown = sorted(str(k) for k in config if k not in VALIDATORS)
-    if unknown:
-        raise InputError(
-            f"{name} scheduler config has unknown keys {unknown}; expected only "
-            f"{sorted(VALIDATORS)}; "
-            "pass the model's scheduler_config.json through normalize_config() first"
-        )
-    checked = {key: VALIDATORS[key](key, value) for key, value in config.items()}
-    resolved = {key: checked.get(key, default) for key, default in defaults.items()}
+    resolved = dict(defaults)
+    for key, value in config.items():
+        key = str(key)
+        if key in defaults:
+            resolved[key] = VALIDATORS[key](key, value)
+        elif key in unported:
+            problem = UNPORTED_CHECKS[key](key, value, config)
+            if problem is not None:
+                raise unsupported(name, key, value, problem)
     betas = resolved.get("trained_betas")
     if betas is not None and len(betas) != resolved["num_train_timesteps"]:
         raise InputError(
@@ -182,6 +256,15 @@ def resolve_config(config: Mapping[str, Any], defaults: Mapping[str, Any], name:
             f"is {resolved['num_train_timesteps']}; expected one beta per training timestep; {_FIX}"
         )
     return resolved
+
+
+def unsupported(name: str, key: str, value: Any, expected: str) -> InputError:
+    """The error for a config value sampler ``name`` does not port: names key, value and sampler."""
+    return InputError(
+        f"scheduler config '{key}' is {show(value)}, which the {name} sampler does not support; "
+        f"expected {expected}; set it to its default in the model's scheduler_config.json and "
+        "re-export, or pick another sampler with --scheduler"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,6 +367,34 @@ def sigmas_at(timesteps: np.ndarray, train_sigmas: np.ndarray, final_sigmas_type
     return np.concatenate([sigmas, [last]]).astype(np.float32)
 
 
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    """The n noise levels of Karras et al. 2022, eq. 5 with rho = 7, from sigma_max down to
+    sigma_min: (max^(1/rho) + i/(n-1) (min^(1/rho) - max^(1/rho)))^rho, in float64."""
+    rho = 7.0
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def sigma_to_t(sigmas: np.ndarray, log_train_sigmas: np.ndarray) -> np.ndarray:
+    """The (fractional) training timestep of each sigma: linear interpolation in log sigma between
+    the two neighbouring training sigmas (``log_train_sigmas``: float32 logs, ascending), float64."""
+    log_sigma = np.log(np.maximum(np.asarray(sigmas, dtype=np.float64), 1e-10))
+    dists = log_sigma[None, :] - log_train_sigmas[:, None]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_train_sigmas.shape[0] - 2)
+    high = low + 1
+    lo_log, hi_log = log_train_sigmas[low], log_train_sigmas[high]
+    w = np.clip((lo_log - log_sigma) / (lo_log - hi_log), 0, 1)
+    return (1 - w) * low + w * high
+
+
+def step_noise(seed: int, index: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The Gaussian noise a stochastic sampler adds at step ``index`` of a run seeded ``seed``:
+    numpy PCG64 seeded with (seed, 2, index), so a run reproduces on any machine, whatever the
+    order of calls and however often the solver is reset (the resolution switch uses stream 1)."""
+    return np.random.default_rng([seed, 2, index]).standard_normal(shape, dtype=np.float32)
+
+
 def exp_f32(x: np.float32) -> np.float32:
     """float32 exp, correctly rounded in all but vanishingly rare cases (evaluated in float64)."""
     try:
@@ -359,10 +470,16 @@ class Scheduler(ABC):
     it. So after a resolution switch one may ``reset()`` and carry on at any ``timesteps[i]``.
     """
 
-    #: The name used by :func:`postdiff.runtime.schedulers.make_scheduler`.
+    #: The registry name (``--scheduler``) of :func:`postdiff.runtime.schedulers.make_scheduler`.
     name: ClassVar[str]
+    #: The diffusers class this ports (a scheduler_config.json's ``_class_name``).
+    diffusers_class: ClassVar[str]
     #: Config keys this scheduler uses, with the defaults of the diffusers class it mirrors.
     DEFAULTS: ClassVar[Mapping[str, Any]]
+    #: Keys of the diffusers class that are not ported: they must keep a harmless value.
+    UNPORTED: ClassVar[tuple[str, ...]] = ()
+    #: Whether ``step`` draws fresh noise (from :func:`step_noise`, seeded by ``seed``).
+    stochastic: ClassVar[bool] = False
 
     timesteps: np.ndarray
     init_noise_sigma: float
@@ -370,11 +487,19 @@ class Scheduler(ABC):
     alphas_cumprod: np.ndarray
     num_inference_steps: int | None
 
-    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
-        """Build the scheduler from a normalize_config()-style dict (missing keys: defaults)."""
+    def __init__(self, config: Mapping[str, Any] | None = None, seed: int = 0) -> None:
+        """Build the scheduler from a manifest's scheduler config (missing keys: defaults).
+
+        ``seed`` seeds the noise of stochastic samplers (Euler Ancestral, LCM); the others ignore it.
+        """
         self.config: dict[str, Any] = resolve_config(
-            {} if config is None else config, self.DEFAULTS, self.name
+            {} if config is None else config, self.DEFAULTS, self.UNPORTED, self.name
         )
+        self._check_config()
+        self.seed = int(seed)
+        #: Noise source of stochastic samplers: (step index, shape) -> float32 array.
+        self.noise: Callable[[int, tuple[int, ...]], np.ndarray] = lambda index, shape: step_noise(
+            self.seed, index, shape)
         self.num_train_timesteps: int = self.config["num_train_timesteps"]
         self.betas = make_betas(self.config)
         self.alphas_cumprod = alphas_cumprod_from_betas(self.betas)
@@ -413,6 +538,23 @@ class Scheduler(ABC):
             )
         self.timesteps = timesteps
         self.reset()
+
+    def _check_config(self) -> None:
+        """Reject ported keys whose value this sampler cannot honour (InputError via unsupported())."""
+
+    def _allowed(self, key: str, choices: Sequence[Any]) -> None:
+        if self.config[key] not in choices:
+            raise unsupported(self.name, key, self.config[key], "one of " + ", ".join(repr(c) for c in choices))
+
+    @property
+    def max_inference_steps(self) -> int:
+        """The most ``num_inference_steps`` this sampler accepts."""
+        return self.num_train_timesteps
+
+    def num_inference_steps_for(self, count: int) -> int:
+        """The ``num_inference_steps`` for which ``set_timesteps`` yields ``count`` timesteps (one
+        per model evaluation): ``count`` itself, except for samplers that revisit a timestep."""
+        return count
 
     @abstractmethod
     def _compute_timesteps(self, num_inference_steps: int) -> np.ndarray:

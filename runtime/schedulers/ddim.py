@@ -31,6 +31,8 @@ class DDIMScheduler(Scheduler):
     """Deterministic DDIM sampler (eta = 0)."""
 
     name = "ddim"
+    diffusers_class = "DDIMScheduler"
+    UNPORTED = ("thresholding", "rescale_betas_zero_snr")
     DEFAULTS: Mapping[str, Any] = {
         **COMMON_DEFAULTS,
         "clip_sample": True,
@@ -39,8 +41,8 @@ class DDIMScheduler(Scheduler):
         "timestep_spacing": "leading",
     }
 
-    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
-        super().__init__(config)
+    def __init__(self, config: Mapping[str, Any] | None = None, seed: int = 0) -> None:
+        super().__init__(config, seed)
         # abar "before" the first training step, used when a step lands below t = 0.
         self.final_alpha_cumprod = F32_ONE if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
         self.init_noise_sigma = 1.0

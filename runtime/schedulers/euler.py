@@ -2,9 +2,10 @@
 
 Mirrors ``diffusers.EulerDiscreteScheduler`` of diffusers 0.42.1 with its deterministic defaults
 (``s_churn = 0``, ``interpolation_type="linear"``, discrete timesteps), operation for operation
-in float32: timestep spacings, ``final_sigmas_type``, the ``init_noise_sigma`` rule. Not ported:
-churn noise, Karras/exponential/beta sigmas, "log_linear" interpolation, continuous timesteps,
-zero-terminal-SNR rescaling.
+in float32: timestep spacings, ``final_sigmas_type``, the ``init_noise_sigma`` rule, Karras sigmas
+(``use_karras_sigmas`` with ``sigma_min``/``sigma_max``). Not ported: churn noise,
+exponential/beta sigmas, "log_linear" interpolation, continuous timesteps, zero-terminal-SNR
+rescaling.
 
 Notation (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative
 Models"): samples live in the variance-exploding space x = x0 + sigma eps with
@@ -24,6 +25,8 @@ from postdiff.runtime.schedulers.base import (
     Scheduler,
     as_f32,
     check_same_shape,
+    karras_sigmas,
+    sigma_to_t,
     sigmas_at,
     ve_sigmas,
 )
@@ -33,15 +36,20 @@ class EulerDiscreteScheduler(Scheduler):
     """Deterministic Euler sampler over a discrete sigma schedule."""
 
     name = "euler"
+    diffusers_class = "EulerDiscreteScheduler"
     DEFAULTS: Mapping[str, Any] = {
         **COMMON_DEFAULTS,
         "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "sigma_min": None,
+        "sigma_max": None,
         "final_sigmas_type": "zero",
         "timestep_spacing": "linspace",
     }
+    UNPORTED = ("use_exponential_sigmas", "use_beta_sigmas", "timestep_type", "rescale_betas_zero_snr")
 
-    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
-        super().__init__(config)
+    def __init__(self, config: Mapping[str, Any] | None = None, seed: int = 0) -> None:
+        super().__init__(config, seed)
         self._train_sigmas = ve_sigmas(self.alphas_cumprod)
         n = self.num_train_timesteps
         # Before set_timesteps: every training timestep, highest first, then sigma = 0.
@@ -71,7 +79,17 @@ class EulerDiscreteScheduler(Scheduler):
             ratio = big_t / n
             ts = np.arange(big_t, 0, -ratio).round().copy().astype(np.float32)
             ts -= F32_ONE
-        self.sigmas = sigmas_at(ts, self._train_sigmas, self.config["final_sigmas_type"])
+        # Euler Ancestral (a subclass) has neither key: final sigma 0, no Karras sigmas.
+        self.sigmas = sigmas_at(ts, self._train_sigmas, self.config.get("final_sigmas_type", "zero"))
+        if self.config.get("use_karras_sigmas"):
+            # Karras et al. eq. 5 between the schedule's own end points (or the configured ones),
+            # each sigma mapped back to a fractional training timestep.
+            spaced = np.interp(ts, np.arange(0, len(self._train_sigmas)), self._train_sigmas)
+            lo = self.config["sigma_min"] if self.config["sigma_min"] is not None else float(spaced[-1])
+            hi = self.config["sigma_max"] if self.config["sigma_max"] is not None else float(spaced[0])
+            sigmas = karras_sigmas(lo, hi, n)
+            ts = sigma_to_t(sigmas, np.log(self._train_sigmas)).astype(np.float32)
+            self.sigmas = np.concatenate([sigmas, self.sigmas[-1:]]).astype(np.float32)
         self.num_inference_steps = n
         self.init_noise_sigma = self._init_noise_sigma()
         return ts.astype(np.float32)
