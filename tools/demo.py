@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from postdiff.errors import InputError
+from postdiff.files import atomic_path
 from postdiff.tools.explain import total_macs
 from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.runtime.manifest import MANIFEST_NAME, load_manifest
@@ -58,7 +59,8 @@ def run_demo(options: DemoOptions, progress: bool = True) -> dict:
     columns = min(GRID_COLUMNS, options.samples)
     grid = make_grid([s.images[:columns] for s in sets], [r["name"] for r in runs],
                      scale=max(1, 96 // sets[0].images[0].shape[0]))
-    grid.save(options.out / "grid.png")
+    with atomic_path(options.out / "grid.png") as tmp:
+        grid.save(tmp)
     results = {"model": options.model, "samples": options.samples, "runs": runs}
     write_json_atomic(options.out / "results.json", results)
     print(format_table(results))

@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from postdiff.files import atomic_path
 from postdiff.tools.digits_data import load_split, record_training
 
 NUM_LABELS = 11
@@ -133,9 +133,8 @@ def heldout_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alphas_cump
 
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     """Write atomically, so that a run killed mid-write keeps the previous checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def export(ema: DigitsDenoiser, out: Path, info: Dict[str, Any]) -> None:
