@@ -266,8 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "their mean with the unconditional (T-GATE)")
     sched.add_argument("--name", help="schedule name (default: the preset's, or 'custom')")
     sched.add_argument("--out", metavar="SCHEDULE.json", help="file to write")
-    sched.add_argument("--explain", action="store_true", help="print the per-step table and predicted speed-up")
-    sched.add_argument("--bundle", help="bundle exported with this schedule, for the MAC counts in --explain")
+    sched.add_argument("--explain", action="store_true",
+                       help="print the per-step table (scale, batch, cache roles); MACs and the predicted speed-up "
+                            "need --bundle")
+    sched.add_argument("--bundle", help="bundle exported with this schedule: adds latent sizes, MACs per step and the "
+                                        "predicted speed-up to --explain")
     sched.set_defaults(handler=_cmd_schedule)
 
     bench = sub.add_parser("bench", help=_cmd_bench.__doc__, description=_cmd_bench.__doc__)
