@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from postdiff.files import atomic_path
+from postdiff.files import atomic_path, write_text_atomic
 from postdiff.tools.digits_data import load_split, record_training
 
 NUM_LABELS = 11
@@ -148,7 +148,7 @@ def export(ema: DigitsDenoiser, out: Path, info: Dict[str, Any]) -> None:
     le.mkdir(exist_ok=True)
     table = ema.label_tokens.detach().float().contiguous().clone()
     save_file({"embeddings": table}, str(le / "embeddings.safetensors"))
-    (le / "config.json").write_text(json.dumps({
+    write_text_atomic(le / "config.json", json.dumps({
         "num_labels": NUM_LABELS,
         "null_label": NULL_LABEL,
         "tokens_per_label": int(table.shape[1]),
