@@ -255,13 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--steps", type=int, help="total denoising steps (default 20)")
     sched.add_argument("--low-res", nargs="+", metavar="SCALE:STEPS",
                        help="low-resolution stages before full resolution, e.g. 0.5:10 or 0.5:6 0.75:4")
-    sched.add_argument("--deepcache-interval", type=int, metavar="K", help="refresh the DeepCache feature every K "
-                                                                             "steps (1 = off)")
-    sched.add_argument("--deepcache-branch", type=int, metavar="B", help="DeepCache branch (0 = shallowest)")
+    sched.add_argument("--deepcache-interval", type=int, metavar="K",
+                       help="write the DeepCache feature every K steps and read it in between (DeepCache's "
+                            "cache_interval; 1 = off)")
+    sched.add_argument("--deepcache-branch", type=int, metavar="B",
+                       help="DeepCache branch (DeepCache's cache_branch_id; 0 = shallowest)")
     sched.add_argument("--deepcache-nonuniform", metavar="C,P",
-                       help="non-uniform refreshes packed around centre step C with power P, e.g. 10,1.4")
-    sched.add_argument("--xattn-gate", type=int, metavar="M", help="capture cross-attention at step M; guidance "
-                                                                    "off and cached maps after it")
+                       help="DeepCache's non-uniform pattern: writes packed around centre step C with power P, e.g. 10,1.4")
+    sched.add_argument("--xattn-gate", type=int, metavar="M",
+                       help="T-GATE's gate_step: steps 0..M-1 guided, the cross-attention maps written at step M-1, "
+                            "guidance off and the maps read from step M")
     sched.add_argument("--xattn-mode", choices=XATTN_MODES, help="keep the conditional maps (PostDiff) or "
                                                                       "their mean with the unconditional (T-GATE)")
     sched.add_argument("--name", help="schedule name (default: the preset's, or 'custom')")
