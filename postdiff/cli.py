@@ -261,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--deepcache-branch", type=int, metavar="B",
                        help="DeepCache branch (DeepCache's cache_branch_id; 0 = shallowest)")
     sched.add_argument("--deepcache-nonuniform", metavar="C,P",
-                       help="DeepCache's non-uniform pattern: writes packed around centre step C with power P, e.g. 10,1.4")
+                       help="DeepCache's non-uniform pattern: writes packed around centre step C with power P, "
+                            "e.g. 10,1.4")
     sched.add_argument("--xattn-gate", type=int, metavar="M",
                        help="T-GATE's gate_step: steps 0..M-1 guided, the cross-attention maps written at step M-1, "
                             "guidance off and the maps read from step M")
