@@ -1,17 +1,19 @@
-# One-command entry points (see README "Quick start"). Everything installs into .venv/.
+# One-command entry points (see README "Quick start"). Everything installs into .venv/, and every
+# install is constrained to the versions our exactness claims are made against (constraints.txt).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# The CPU wheel of torch on this kind of machine; a bare `torch` would pull a multi-GB CUDA build.
-TORCH  ?= torch==2.13.0
+PIP    := $(BIN)/pip install --quiet -c constraints.txt
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup demo test clean
 
-$(BIN)/postdiff: pyproject.toml
+# torch first and on its own: constraints.txt pins the CPU build this kind of machine gets for
+# torch==2.13.0; an unconstrained `torch` would pull a multi-GB CUDA build.
+$(BIN)/postdiff: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[export,test]"
+	$(PIP) torch
+	$(PIP) -e ".[export,test]"
 	touch $@
 
 setup: $(BIN)/postdiff

@@ -9,17 +9,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from postdiff.errors import InputError
+from postdiff.files import check_new_path
 from postdiff.runtime.manifest import MANIFEST_NAME, Manifest, dump_manifest
 
 
 def check_destination(dest: Path) -> None:
     """Refuse an existing destination or a missing parent folder, before any work starts."""
-    dest = Path(dest)
-    if dest.exists():
-        raise InputError(f"destination {dest} already exists; choose a new --out or delete it first")
-    if not dest.parent.is_dir():
-        raise InputError(f"cannot create {dest}: folder {dest.parent} does not exist; create it first")
+    check_new_path(dest, hint="delete it first")
 
 
 @contextmanager

@@ -9,9 +9,7 @@ place. A failure at any stage leaves nothing at the destination.
 
 from __future__ import annotations
 
-import re
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -20,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 import postdiff
-from postdiff.exporter.bundle import check_destination, publish, staging_folder
+from postdiff.exporter.bundle import publish, staging_folder
 from postdiff.exporter.macs import count_macs
-from postdiff.exporter.models import BUILTIN_SPECS, LoadedModel, load_model
 from postdiff.exporter.lora import check_lora_scale, fuse_lora
+from postdiff.exporter.models import LoadedModel, load_model
+from postdiff.exporter.options import ExportOptions, check_options, source_id
 from postdiff.exporter.scheduler_config import normalize_config, scheduler_class
 from postdiff.exporter.trace import (OPSET, GraphPlan, export_onnx, half_precision, text_and_decoder_plans,
                                      unet_plan)
@@ -37,31 +36,8 @@ from postdiff.runtime.executor import at_latent
 from postdiff.profiles.presets import resolve_schedule
 from postdiff.runtime.schedule import PLAIN, PLAIN_EMBEDDED, Schedule, graph_variants
 
-PRECISIONS = ("fp32", "fp16")
 UNET_WEIGHTS = "unet.weights"
 TOKENIZER_FILE = "tokenizer.json"
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """Validated `postdiff export` arguments."""
-
-    source: str
-    out: Path
-    resolution: tuple[int, int] | None = None  # (height, width) in pixels; None: the model's default
-    precision: str = "fp32"
-    schedules: tuple[str, ...] = ()  # schedule files or preset names; () = plain generation only
-    tuning_space: bool = False  # also every variant `postdiff tune` may pick (profiles/tuning.py)
-    lora: str | None = None  # a LoRA .safetensors file fused into the weights before tracing
-    lora_scale: float = 1.0
-
-
-def parse_resolution(text: str) -> tuple[int, int]:
-    """``"512x768"`` -> (512, 768) (height x width); InputError for anything else."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match:
-        raise InputError(f"--resolution '{text}' is not HEIGHTxWIDTH in pixels, e.g. 512x512")
-    return int(match.group(1)), int(match.group(2))
 
 
 def check_resolution(model: LoadedModel, height: int, width: int) -> None:
@@ -92,9 +68,7 @@ def unet_variants(schedules: list[Schedule], latent: tuple[int, int], multiple: 
 
 def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
     """Export ``options.source`` to a new bundle at ``options.out`` and return its manifest."""
-    if options.precision not in PRECISIONS:
-        raise InputError(f"--precision '{options.precision}' is not supported; expected one of {list(PRECISIONS)}")
-    check_destination(options.out)
+    check_options(options)
     schedules = [resolve_schedule(spec) for spec in options.schedules]
     if options.lora is not None:
         check_lora_scale(options.lora_scale)
@@ -192,8 +166,3 @@ def _write_tokenizer(model: LoadedModel, stage: Path) -> TokenizerSpec:
     model.tokenizer.backend_tokenizer.save(str(path))
     return TokenizerSpec(kind="bpe", file=TOKENIZER_FILE, sha256=sha256_file(path),
                          max_length=int(model.tokenizer.model_max_length), pad_id=int(model.tokenizer.pad_token_id))
-
-
-def source_id(source: str) -> str:
-    """Built-in specs by name, folders by their last path component (no machine paths in bundles)."""
-    return source if source in BUILTIN_SPECS else Path(source).resolve().name

@@ -17,11 +17,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from postdiff.errors import ModelSourceError
+from postdiff.exporter.options import source_layout
 
-SD_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
-# A label-conditioned pixel-space model (the embedded `digits`): no VAE, no text encoder; a table of
-# label embeddings feeds the UNet's cross-attention.
-LABEL_SUBFOLDERS = ("unet", "scheduler", "label_encoder")
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
 
 # The scheduler configuration Stable Diffusion 1.x ships with (PNDM, "leading" spacing).
@@ -136,9 +133,6 @@ class LoadedModel:
         return self.text_encoder(ids, return_dict=False)[0]
 
 
-BUILTIN_SPECS = ("digits", "random:tiny-sd", "random:tiny-lcm", "random:sd15")
-
-
 def load_model(source: str) -> LoadedModel:
     """Load ``source``: a built-in spec name or a local diffusers folder.
 
@@ -153,25 +147,13 @@ def load_model(source: str) -> LoadedModel:
         return _random_tiny_sd(lcm=True)
     if source == "random:sd15":
         return _random_sd15()
-    if source.startswith("random:"):
-        raise ModelSourceError(f"unknown built-in model '{source}'; expected one of {list(BUILTIN_SPECS)} or a folder")
+    if source_layout(source) == "label":
+        return _load_label_folder(Path(source), source)
     return _load_folder(Path(source))
 
 
 def _load_folder(folder: Path) -> LoadedModel:
-    if not folder.is_dir():
-        raise ModelSourceError(
-            f"model folder {folder} does not exist; pass a local diffusers folder "
-            f"(with {', '.join(SD_SUBFOLDERS)}) or one of {list(BUILTIN_SPECS)}"
-        )
-    if all((folder / name).is_dir() for name in LABEL_SUBFOLDERS):
-        return _load_label_folder(folder, str(folder))
-    missing = [name for name in SD_SUBFOLDERS if not (folder / name).is_dir()]
-    if missing:
-        raise ModelSourceError(
-            f"{folder} is not a Stable Diffusion 1.x/2.x diffusers folder: missing {missing}; "
-            f"it needs the subfolders {list(SD_SUBFOLDERS)}"
-        )
+    """An SD 1.x/2.x diffusers folder (its layout already checked by :func:`source_layout`)."""
     part = "scheduler"
     try:
         scheduler_config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())

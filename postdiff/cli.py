@@ -1,7 +1,7 @@
 """The `postdiff` command line: a thin argparse layer over library functions.
 
 Each subcommand imports only what it needs, so the device-side commands (`generate`) never import
-torch. Errors a user can fix are printed as one line on stderr with exit code 2.
+torch. Errors are printed as one line on stderr with the exit codes of :data:`EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -14,20 +14,42 @@ from pathlib import Path
 from typing import Callable
 
 from postdiff import __version__
-from postdiff.errors import InputError, PostdiffError
-from postdiff.runtime.schedulers import SCHEDULERS  # numpy only: the sampler registry for --scheduler
+from postdiff.errors import EXIT_FAILURE, EXIT_USAGE, InputError, PostdiffError
 
-EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK, EXIT_INTERRUPTED = 0, 130
+#: what every command's exit status means (shown in --help)
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAILURE: "a verification, parity or runtime failure (a bundle file that fails its sha256, a graph "
+                  "that does not reproduce torch, a measurement that crashed)",
+    EXIT_USAGE: "bad input or usage (a flag, file, model or schedule; also a missing optional extra)",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing half-written is left behind",
+}
+# The modules of each optional extra (pyproject.toml), for one line instead of a ModuleNotFoundError.
+EXTRA_MODULES = {
+    "export": ("torch", "diffusers", "transformers", "onnx", "onnx_graphsurgeon", "safetensors"),
+    "tools": ("matplotlib",),
+    "train": ("mlxtend",),
+}
+EXTRA_INSTALL = {
+    "export": "install the torch build for this machine, then `pip install 'postdiff[export]'` (README: "
+              "Installing elsewhere)",
+    "tools": "`pip install 'postdiff[tools]'`",
+    "train": "`pip install 'postdiff[train]'`",
+}
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     """Export a diffusers model to a bundle (needs the [export] extra: torch, diffusers, onnx)."""
-    from postdiff.exporter.export import ExportOptions, export_bundle, parse_resolution
+    from postdiff.exporter.options import ExportOptions, check_options, parse_resolution
 
     resolution = parse_resolution(args.resolution) if args.resolution else None
     options = ExportOptions(source=args.model, out=Path(args.out), resolution=resolution, precision=args.precision,
                             schedules=tuple(args.schedule or ()), tuning_space=args.tuning_space,
                             lora=args.lora, lora_scale=args.lora_scale)
+    check_options(options)  # before torch and diffusers, which take seconds to import
+    from postdiff.exporter.export import export_bundle
+
     started = time.perf_counter()
     manifest = export_bundle(options, progress=not args.quiet)
     worst = max(g.parity.max_abs_diff for g in manifest.graphs.values())
@@ -38,11 +60,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _new_file(out: Path, overwrite: bool) -> Path:
     """``--out`` checked before any work: its folder exists, and it does not unless ``overwrite``."""
-    if out.exists() and not overwrite:
-        raise InputError(f"--out {out} already exists; choose another file or pass --overwrite")
-    if not out.parent.is_dir():
-        raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
-    return out
+    from postdiff.files import check_new_path
+
+    return check_new_path(out, replace=overwrite)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -86,6 +106,7 @@ def _load_latents(path: Path):  # -> np.ndarray
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
     """Build a denoising schedule from PostDiff's knobs (or a preset), validate it, write it as JSON."""
+    from postdiff.files import check_new_path
     from postdiff.tools.explain import format_table
     from postdiff.runtime.jsonio import write_json_atomic
     from postdiff.runtime.manifest import load_manifest
@@ -93,9 +114,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
     if args.out is None and not args.explain:
         raise InputError("nothing to do: give --out SCHEDULE.json to write the schedule, and/or --explain")
-    out = Path(args.out) if args.out else None
-    if out is not None and not out.parent.is_dir():
-        raise InputError(f"--out {out}: folder {out.parent} does not exist; create it first")
+    out = check_new_path(Path(args.out), replace=True) if args.out else None
     knobs, name, description = knobs_from_flags(
         preset=args.preset, steps=args.steps, low_res=args.low_res, deepcache_interval=args.deepcache_interval,
         deepcache_branch=args.deepcache_branch, deepcache_nonuniform=args.deepcache_nonuniform,
@@ -119,7 +138,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     resolution = None
     if args.resolution:  # the exporter (and torch) only when there is something to export
-        from postdiff.exporter.export import parse_resolution
+        from postdiff.exporter.options import parse_resolution
 
         resolution = parse_resolution(args.resolution)
     options = BenchOptions(
@@ -174,21 +193,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (also used to render --help)."""
+    """The full argument parser (also used to render --help). Choices come from the registries."""
+    from postdiff.exporter.options import BUILTIN_SPECS, PRECISIONS
+    from postdiff.profiles.presets import preset_names
+    from postdiff.runtime.runners.ort import PROVIDERS
+    from postdiff.runtime.schedule import XATTN_MODES
+    from postdiff.runtime.schedulers import SCHEDULERS
+    from postdiff.tools.bench import WEIGHT_MODES
+
+    models = ", ".join(BUILTIN_SPECS)
+    providers = sorted(PROVIDERS)
+    epilog = "exit status: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
         prog="postdiff",
         description="Edge deployment compiler for diffusion models: export a diffusers model to an ONNX "
                     "bundle on a workstation, then generate with it torch-free on the device.",
+        epilog=epilog,
     )
     parser.add_argument("--version", action="version", version=f"postdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     export = sub.add_parser("export", help=_cmd_export.__doc__, description=_cmd_export.__doc__)
-    export.add_argument("model", help="local diffusers folder (SD 1.x/2.x layout) or a built-in spec: "
-                                      "digits (the embedded MNIST model), random:tiny-sd, random:tiny-lcm, random:sd15")
+    export.add_argument("model", help=f"local diffusers folder (SD 1.x/2.x layout) or a built-in spec: {models} "
+                                      "(digits is the embedded MNIST model)")
     export.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
     export.add_argument("--resolution", metavar="HxW", help="image size in pixels (default: the model's)")
-    export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="graph precision")
+    export.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision")
     export.add_argument("--schedule", action="append", metavar="SCHEDULE",
                         help="schedule file or preset whose graph variants to export (repeatable; default: only "
                              "the plain full-resolution graph)")
@@ -217,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", choices=list(SCHEDULERS),
                      help="sampler (default: the one the model ships, recorded in the bundle; an error naming "
                           "the supported ones if postdiff does not port it)")
-    gen.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+    gen.add_argument("--provider", default="cpu", choices=providers,
                      help="ONNX Runtime execution provider (default: cpu)")
     gen.add_argument("--latents", metavar="NPY", help="initial latents (1, C, h, w) float32 instead of seeded noise")
     gen.add_argument("--save-latents", metavar="NPY", help="also save the final latents")
@@ -227,31 +257,38 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_cmd_generate)
 
     sched = sub.add_parser("schedule", help=_cmd_schedule.__doc__, description=_cmd_schedule.__doc__)
-    sched.add_argument("--preset", help="start from a preset (baseline, fewer-steps, postdiff-sd15, postdiff-beta34, "
-                                        "lcm-4, postdiff-lcm); the other flags override its knobs")
+    sched.add_argument("--preset", help=f"start from a preset ({', '.join(preset_names())}); "
+                                        "the other flags override its knobs")
     sched.add_argument("--steps", type=int, help="total denoising steps (default 20)")
     sched.add_argument("--low-res", nargs="+", metavar="SCALE:STEPS",
                        help="low-resolution stages before full resolution, e.g. 0.5:10 or 0.5:6 0.75:4")
-    sched.add_argument("--deepcache-interval", type=int, metavar="K", help="refresh the DeepCache feature every K "
-                                                                             "steps (1 = off)")
-    sched.add_argument("--deepcache-branch", type=int, metavar="B", help="DeepCache branch (0 = shallowest)")
+    sched.add_argument("--deepcache-interval", type=int, metavar="K",
+                       help="write the DeepCache feature every K steps and read it in between (DeepCache's "
+                            "cache_interval; 1 = off)")
+    sched.add_argument("--deepcache-branch", type=int, metavar="B",
+                       help="DeepCache branch (DeepCache's cache_branch_id; 0 = shallowest)")
     sched.add_argument("--deepcache-nonuniform", metavar="C,P",
-                       help="non-uniform refreshes packed around centre step C with power P, e.g. 10,1.4")
-    sched.add_argument("--xattn-gate", type=int, metavar="M", help="capture cross-attention at step M; guidance "
-                                                                    "off and cached maps after it")
-    sched.add_argument("--xattn-mode", choices=["cond", "ave"], help="keep the conditional maps (PostDiff) or "
+                       help="DeepCache's non-uniform pattern: writes packed around centre step C with power P, "
+                            "e.g. 10,1.4")
+    sched.add_argument("--xattn-gate", type=int, metavar="M",
+                       help="T-GATE's gate_step: steps 0..M-1 guided, the cross-attention maps written at step M-1, "
+                            "guidance off and the maps read from step M")
+    sched.add_argument("--xattn-mode", choices=XATTN_MODES, help="keep the conditional maps (PostDiff) or "
                                                                       "their mean with the unconditional (T-GATE)")
     sched.add_argument("--guidance-embedding", action="store_true",
                        help="no classifier-free guidance on any step: for models that take the guidance scale as "
                             "an embedding (LCM), which run one conditional evaluation per step")
     sched.add_argument("--name", help="schedule name (default: the preset's, or 'custom')")
     sched.add_argument("--out", metavar="SCHEDULE.json", help="file to write")
-    sched.add_argument("--explain", action="store_true", help="print the per-step table and predicted speed-up")
-    sched.add_argument("--bundle", help="bundle exported with this schedule, for the MAC counts in --explain")
+    sched.add_argument("--explain", action="store_true",
+                       help="print the per-step table (scale, batch, cache roles); MACs and the predicted speed-up "
+                            "need --bundle")
+    sched.add_argument("--bundle", help="bundle exported with this schedule: adds latent sizes, MACs per step and the "
+                                        "predicted speed-up to --explain")
     sched.set_defaults(handler=_cmd_schedule)
 
     bench = sub.add_parser("bench", help=_cmd_bench.__doc__, description=_cmd_bench.__doc__)
-    bench.add_argument("--model", help="model to export and to run in diffusers: digits, random:tiny-sd, random:sd15 "
+    bench.add_argument("--model", help=f"model to export and to run in diffusers: {models} "
                                        "or a diffusers folder (default: the bundle's, when it is a built-in)")
     bench.add_argument("--bundle", metavar="DIR",
                        help="bundle to time; if DIR does not exist, --model is exported there with baseline and "
@@ -266,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompt", help="prompt (default: an SD prompt, or a label model's first label)")
     bench.add_argument("--repeats", type=int, default=3,
                        help="timed generations per row after one warm-up; the median counts (default: 3)")
-    bench.add_argument("--weights", default="auto", choices=["auto", "shared", "per-session"],
+    bench.add_argument("--weights", default="auto", choices=WEIGHT_MODES,
                        help="how UNet sessions hold the weights (default auto: shared when the bundle has several "
                             "UNet graphs, as `postdiff generate` does)")
     bench.add_argument("--device", metavar="DEVICE.json",
@@ -279,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help=_cmd_profile.__doc__, description=_cmd_profile.__doc__)
     prof.add_argument("bundle", help="bundle folder written by `postdiff export`")
     prof.add_argument("--out", required=True, metavar="DEVICE.json", help="device profile to write")
-    prof.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+    prof.add_argument("--provider", default="cpu", choices=providers,
                       help="ONNX Runtime execution provider (default: cpu)")
     prof.add_argument("--repeats", type=int, default=10, help="timed calls per graph and operation (default: 10)")
     prof.add_argument("--warmup", type=int, default=2, help="untimed calls before them (default: 2)")
@@ -316,17 +353,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help=_cmd_demo.__doc__, description=_cmd_demo.__doc__)
     demo.add_argument("--model", default="digits",
-                      help="model to demo: digits (default, the embedded MNIST model), random:tiny-sd, "
-                           "random:sd15 or a diffusers folder")
+                      help=f"model to demo: {models} or a diffusers folder (default: digits, the embedded "
+                           "MNIST model)")
     demo.add_argument("--samples", type=int, default=100, help="samples per schedule (default: 100)")
     demo.add_argument("--out", default="postdiff-demo", help="output folder (default: postdiff-demo/)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_cmd_demo)
+    for command in sub.choices.values():
+        command.epilog = epilog
     return parser
 
 
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The one-line fix for a module of an optional extra that is not installed, else None."""
+    top = (exc.name or "").split(".")[0]
+    for extra, modules in EXTRA_MODULES.items():
+        if top in modules:
+            return (f"this command needs the [{extra}] extra, which is not installed (no module '{top}'); "
+                    f"fix: {EXTRA_INSTALL[extra]}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `postdiff` console script."""
+    """Entry point of the `postdiff` console script; returns one of :data:`EXIT_CODES`."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handler: Callable[[argparse.Namespace], int] = args.handler
@@ -334,6 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except PostdiffError as exc:
         print(f"postdiff {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except ModuleNotFoundError as exc:
+        fix = missing_extra(exc)
+        if fix is None:
+            raise
+        print(f"postdiff {args.command}: error: {fix}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"postdiff {args.command}: interrupted", file=sys.stderr)

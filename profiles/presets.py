@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from postdiff.errors import ScheduleError
+from postdiff.files import write_text_atomic
 from postdiff.profiles.schedule_builder import ScheduleKnobs, build_schedule
 from postdiff.runtime.jsonio import dumps
 from postdiff.runtime.schedule import Schedule, load_schedule
@@ -70,7 +71,7 @@ def preset_text(name: str) -> str:
 def main() -> None:
     """Regenerate ``profiles/schedules/*.json`` from :data:`PRESETS`."""
     for name in PRESETS:
-        (SCHEDULES_DIR / f"{name}.json").write_text(preset_text(name), encoding="utf-8")
+        write_text_atomic(SCHEDULES_DIR / f"{name}.json", preset_text(name))
 
 
 if __name__ == "__main__":

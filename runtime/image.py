@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from postdiff.errors import InputError
+from postdiff.files import atomic_path
 
 
 def to_uint8(decoded: np.ndarray) -> np.ndarray:
@@ -23,14 +22,7 @@ def to_uint8(decoded: np.ndarray) -> np.ndarray:
 
 def save_png(pixels: np.ndarray, path: Path) -> None:
     """Write one (H, W, C) uint8 image as PNG, atomically (a temp file renamed into place)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise InputError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
     channels = pixels.shape[-1]
     image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

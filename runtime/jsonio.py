@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 from postdiff.errors import InputError, PostdiffError
+from postdiff.files import write_text_atomic
 
 T = TypeVar("T")
 
@@ -105,16 +104,8 @@ def dumps(data: Any) -> str:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as deterministic JSON to ``path`` via a temporary file and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(dumps(data))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` as deterministic JSON to ``path``, atomically (:func:`postdiff.files.atomic_path`)."""
+    write_text_atomic(path, dumps(data))
 
 
 def read_json(path: Path, error: type[PostdiffError] = InputError) -> Any:

@@ -13,7 +13,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from postdiff.errors import BundleError
+from postdiff.errors import BundleError, CorruptBundleError
 from postdiff.runtime.jsonio import dumps, load_versioned
 
 FORMAT_VERSION = 1
@@ -231,10 +231,10 @@ def verify_files(bundle: Path, manifest: Manifest) -> None:
     for name, expected in sorted(bundle_files(manifest).items()):
         path = Path(bundle) / name
         if not path.is_file():
-            raise BundleError(f"{path} is missing from the bundle; re-export the bundle")
+            raise CorruptBundleError(f"{path} is missing from the bundle; re-export the bundle")
         actual = sha256_file(path)
         if actual != expected:
-            raise BundleError(
+            raise CorruptBundleError(
                 f"{path} is corrupted: sha256 {actual[:12]}… but the manifest records "
                 f"{expected[:12]}…; re-export the bundle or restore the file"
             )

@@ -11,6 +11,7 @@ import pytest
 from postdiff.cli import main
 from postdiff.errors import InputError
 from postdiff.runtime.tokenizer import label_id
+from postdiff.tools.evaluate import CLASSIFIER
 
 LABELS = tuple(str(i) for i in range(10))
 
@@ -28,6 +29,11 @@ def test_demo_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["demo", "--samples", "10", "--out", str(out), "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "baseline" in table and "fewer-steps" in table and "postdiff" in table
+    # the console says what each fidelity figure is measured against
+    assert "PSNR, SSIM: each image against the baseline's image of the same seed and prompt" in table
+    accuracy = json.loads(CLASSIFIER.with_suffix(".json").read_text())["heldout_accuracy"]
+    assert f"digit classifier ({accuracy:.1%} accurate on held-out real MNIST digits)" in table
+    assert "1,000 held-out real MNIST digits" in table
     results = json.loads((out / "results.json").read_text())
     runs = {run["name"]: run for run in results["runs"]}
     assert list(runs) == ["baseline", "fewer-steps", "postdiff"]

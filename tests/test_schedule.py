@@ -159,9 +159,26 @@ def test_schedule_command_writes_and_explains(tmp_path: Path, capsys: pytest.Cap
     code = main(["schedule", "--preset", "postdiff-sd15", "--low-res", "0.5:6", "0.75:4", "--xattn-mode", "ave",
                  "--out", str(out), "--explain"])
     text = capsys.readouterr().out
-    assert code == 0 and "x̂0 for switch" in text and "add --bundle" in text
+    assert code == 0 and "x̂0 for switch" in text
+    # without a bundle: no latent or MAC column of unknowns, and the line saying what --bundle adds
+    assert "GMACs" not in text and " - " not in text
+    assert text.splitlines()[-2] == ("MACs and the predicted speed-up need --bundle BUNDLE (a bundle exported with "
+                                     "this schedule)")
     schedule = load_schedule(out)
     assert schedule.scales == (0.5, 0.75, 1.0) and schedule.xattn_mode == "ave" and schedule.name == "custom"
+
+
+def test_schedule_explain_with_a_bundle(tiny_postdiff_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from postdiff.runtime.manifest import load_manifest
+
+    assert main(["schedule", "--preset", "postdiff-sd15", "--explain", "--bundle", str(tiny_postdiff_bundle)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "GMACs" in lines[1] and "latent" in lines[1]
+    first = lines[2].split()  # step 0: half resolution, DeepCache write, batch 2
+    manifest = load_manifest(tiny_postdiff_bundle, verify=False)
+    graph = manifest.graph(f"unet-{first[2]}-b2-deep1-write")
+    assert first[:4] == ["0", "0.5", first[2], "2"] and float(first[4]) == round(graph.macs / 1e9, 2)
+    assert "predicted compute speed-up" in lines[-1]
 
 
 def test_schedule_command_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

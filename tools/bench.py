@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from postdiff.profiles.device import load_device_profile
-from postdiff.errors import InputError
+from postdiff.errors import EXIT_USAGE, InputError, PostdiffError, RunFailure
 from postdiff.runtime.schedulers import default_scheduler, make_scheduler
 from postdiff.runtime.executor import ScheduleExecutor, required_graphs
 from postdiff.tools.explain import total_macs
@@ -176,7 +176,11 @@ def child_main(argv: list[str]) -> int:
     """``python -m postdiff.tools.bench '{"kind": ..., ...}'``: measure one row, print it as JSON."""
     spec = json.loads(argv[0])
     kind = spec.pop("kind")
-    result = measure_runtime(**spec) if kind == "runtime" else measure_diffusers(**spec)
+    try:
+        result = measure_runtime(**spec) if kind == "runtime" else measure_diffusers(**spec)
+    except PostdiffError as exc:  # one line for the parent to report, with its exit status
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     print(json.dumps(result))
     return 0
 
@@ -186,7 +190,8 @@ def child_main(argv: list[str]) -> int:
 
 def run_child(label: str, spec: dict) -> dict:
     """Measure one row in a child process and return its result; ``label`` names it in the
-    InputError raised (with the child's last line) when the child fails."""
+    error raised (with the child's last line) when the child fails: InputError when the child
+    rejected its input (exit 2), RunFailure otherwise (an exception, a signal, out of memory)."""
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     child = subprocess.run([sys.executable, "-m", "postdiff.tools.bench", json.dumps(spec)], capture_output=True,
                            text=True, env=env)
@@ -194,7 +199,7 @@ def run_child(label: str, spec: dict) -> dict:
         tail = child.stderr.strip().splitlines()[-1:]
         why = tail[0] if tail else (f"killed by signal {-child.returncode} (out of memory?)" if child.returncode < 0
                                     else f"exit status {child.returncode}")
-        raise InputError(f"{label} failed: {why}")
+        raise (InputError if child.returncode == EXIT_USAGE else RunFailure)(f"{label} failed: {why}")
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
@@ -233,8 +238,7 @@ def prepare_bundle(options: BenchOptions, scratch: Path, schedules: list[str], p
 
 def diffusers_source(options: BenchOptions, manifest: Manifest) -> str:
     """The model diffusers loads: ``--model``, or the bundle's built-in source; it must be the bundle's."""
-    from postdiff.exporter.export import source_id
-    from postdiff.exporter.models import BUILTIN_SPECS
+    from postdiff.exporter.options import BUILTIN_SPECS, source_id
 
     if options.model is None:
         if manifest.model.source not in BUILTIN_SPECS:

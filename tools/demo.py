@@ -5,7 +5,8 @@ steps), `fewer-steps` (8 steps, the paper's alternative) and `postdiff` (the pap
 half resolution for the first 10 steps, DeepCache, cross-attention gate) — then runs each on the
 same seeds and prompts, and reports latency, speed-up, MACs and fidelity. Writes ``bundle/``
 (reused by a later run of the same model), ``grid.png`` (rows: schedules, columns: seeds) and
-``results.json`` into the output folder.
+``results.json`` into the output folder. The console says what each fidelity figure is measured
+against; the grid labels its rows (schedules) and columns (prompt and seed).
 """
 
 from __future__ import annotations
@@ -15,17 +16,21 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from postdiff.errors import InputError
+from postdiff.files import atomic_path
 from postdiff.tools.explain import total_macs
 from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.runtime.manifest import MANIFEST_NAME, load_manifest
 from postdiff.runtime.pipeline import Pipeline
 from postdiff.profiles.presets import resolve_schedule
-from postdiff.tools.evaluate import DigitJudge, fidelity, generate_set, is_digit_model, requests_for
+from postdiff.runtime.jsonio import read_json
+from postdiff.tools.evaluate import (CLASSIFIER, DigitJudge, Request, fidelity, generate_set, is_digit_model,
+                                     requests_for)
 from postdiff.tools.grid import make_grid
 
 # (name shown, preset)
 SCHEDULES = (("baseline", "baseline"), ("fewer-steps", "fewer-steps"), ("postdiff", "postdiff-sd15"))
 GRID_COLUMNS = 10
+CLASSIFIER_ACCURACY = read_json(CLASSIFIER.with_suffix(".json"))["heldout_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,15 @@ def run_demo(options: DemoOptions, progress: bool = True) -> dict:
         run["speedup"] = runs[0]["latency_s"] / run["latency_s"]
     columns = min(GRID_COLUMNS, options.samples)
     grid = make_grid([s.images[:columns] for s in sets], [r["name"] for r in runs],
-                     scale=max(1, 96 // sets[0].images[0].shape[0]))
-    grid.save(options.out / "grid.png")
+                     scale=max(1, 96 // sets[0].images[0].shape[0]),
+                     column_labels=[column_label(r) for r in requests[:columns]],
+                     corner="prompt, seed:")
+    with atomic_path(options.out / "grid.png") as tmp:
+        grid.save(tmp)
     results = {"model": options.model, "samples": options.samples, "runs": runs}
     write_json_atomic(options.out / "results.json", results)
     print(format_table(results))
+    print(format_legend(judge is not None))
     print(f"wrote {options.out / 'grid.png'} and {options.out / 'results.json'}")
     return results
 
@@ -78,6 +87,24 @@ def format_table(results: dict) -> str:
         lines.append(f"{r['name']:<12} {r['latency_s']:>9.3f} {r['speedup']:>7.2f}x {r['macs'] / 1e9:>7.2f} "
                      f"{fmt(r['adherence'], '.1%'):>9} {fmt(r['digit_fid'], '.2f'):>9} {fmt(r['psnr_db'], '.1f'):>7} "
                      f"{fmt(r['ssim'], '.3f'):>6}")
+    return "\n".join(lines)
+
+
+def column_label(request: Request) -> str:
+    """A grid column's heading: the prompt (quoted, shortened) and the seed."""
+    prompt = request.prompt if len(request.prompt) <= 12 else request.prompt[:10] + "..."
+    return f'"{prompt}", seed {request.seed}'
+
+
+def format_legend(digits: bool) -> str:
+    """What each fidelity column is measured against (printed under the table)."""
+    lines = ["PSNR, SSIM: each image against the baseline's image of the same seed and prompt, averaged (the "
+             "baseline row is that reference: SSIM 1, PSNR '-' for identical images)"]
+    if digits:
+        lines = [f"adherence: share of images the digit classifier ({CLASSIFIER_ACCURACY:.1%} accurate on held-out "
+                 "real MNIST digits) reads as the digit asked for",
+                 "digit-FID: Fréchet distance between the classifier's features of the images and of 1,000 held-out "
+                 "real MNIST digits (lower is closer to real digits)"] + lines
     return "\n".join(lines)
 
 

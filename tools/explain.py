@@ -69,16 +69,18 @@ def total_macs(schedule: Schedule, manifest: Manifest) -> int:
 
 
 def format_table(schedule: Schedule, manifest: Manifest | None) -> str:
-    """The explain table as text, with the predicted compute ratio when MACs are known."""
+    """The explain table as text. With a bundle: latent sizes, MACs per row and the predicted compute
+    speed-up; without one, only what the schedule itself says (no column of unknowns)."""
     rows = step_costs(schedule, manifest)
-    lines = [f"schedule '{schedule.name}': {len(schedule.steps)} steps, xattn mode {schedule.xattn_mode}",
-             f"{'step':>4}  {'scale':>5}  {'latent':>7}  {'batch':>5}  {'GMACs':>8}  variant"]
-    for row in rows:
-        macs = f"{row.macs / 1e9:8.2f}" if row.macs is not None else f"{'-':>8}"
-        lines.append(f"{row.index:>4}  {row.scale:>5g}  {row.latent:>7}  {row.batch:>5}  {macs}  {row.variant}")
+    lines = [f"schedule '{schedule.name}': {len(schedule.steps)} steps, xattn mode {schedule.xattn_mode}"]
     if manifest is None:
-        lines.append("MACs need a bundle exported with this schedule: add --bundle BUNDLE")
+        lines.append(f"{'step':>4}  {'scale':>5}  {'batch':>5}  variant")
+        lines += [f"{row.index:>4}  {row.scale:>5g}  {row.batch:>5}  {row.variant}" for row in rows]
+        lines.append("MACs and the predicted speed-up need --bundle BUNDLE (a bundle exported with this schedule)")
     else:
+        lines.append(f"{'step':>4}  {'scale':>5}  {'latent':>7}  {'batch':>5}  {'GMACs':>8}  variant")
+        lines += [f"{row.index:>4}  {row.scale:>5g}  {row.latent:>7}  {row.batch:>5}  {row.macs / 1e9:8.2f}  "
+                  f"{row.variant}" for row in rows]
         total = sum(row.macs or 0 for row in rows)  # total_macs, from the rows already computed
         baseline = full_macs_per_sample(manifest) * 2 * len(schedule.steps)
         lines.append(f"total {total / 1e9:.2f} GMACs vs baseline {baseline / 1e9:.2f} GMACs "

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from postdiff.files import atomic_path, write_text_atomic
 from postdiff.tools.digits_data import load_split, record_training
 
 FEATURE_DIM = 128
@@ -189,7 +190,7 @@ def main(argv: Optional[list] = None) -> None:
         "threads": args.threads,
         "command": command,
     }
-    (args.out / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(args.out / "classifier.json", json.dumps(meta, indent=2) + "\n")
     write_heldout_features(onnx_path)
     record_training(args.out.parent, "classifier", {k: meta[k] for k in (
         "architecture", "parameters", "heldout_accuracy", "seed", "epochs", "training_wall_time_s", "command")})
@@ -203,7 +204,8 @@ def write_heldout_features(onnx_path: Path) -> None:
 
     _, (heldout, _) = load_split()
     features = DigitClassifier(onnx_path).predict(heldout)[1].astype(np.float32)
-    np.save(onnx_path.with_name("heldout_features.npy"), features)
+    with atomic_path(onnx_path.with_name("heldout_features.npy")) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, features)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from postdiff.files import atomic_path, write_text_atomic
 from postdiff.tools.digits_data import load_split, record_training
 
 NUM_LABELS = 11
@@ -133,9 +133,8 @@ def heldout_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, alphas_cump
 
 def save_checkpoint(path: Path, state: Dict[str, Any]) -> None:
     """Write atomically, so that a run killed mid-write keeps the previous checkpoint."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def export(ema: DigitsDenoiser, out: Path, info: Dict[str, Any]) -> None:
@@ -149,7 +148,7 @@ def export(ema: DigitsDenoiser, out: Path, info: Dict[str, Any]) -> None:
     le.mkdir(exist_ok=True)
     table = ema.label_tokens.detach().float().contiguous().clone()
     save_file({"embeddings": table}, str(le / "embeddings.safetensors"))
-    (le / "config.json").write_text(json.dumps({
+    write_text_atomic(le / "config.json", json.dumps({
         "num_labels": NUM_LABELS,
         "null_label": NULL_LABEL,
         "tokens_per_label": int(table.shape[1]),

@@ -59,6 +59,7 @@ from postdiff.profiles.device import load_device_profile
 from postdiff.profiles.tuning import (CHEAPER, FEWER, LCM_STEPS_FULL, MIN_GAIN, REFERENCE_STEPS, Candidate, build,
                                      candidates, prune_dominated)
 from postdiff.errors import BundleError, InputError, ScheduleError
+from postdiff.files import atomic_path, check_new_path
 from postdiff.runtime.executor import required_graphs
 from postdiff.runtime.jsonio import to_dict, write_json_atomic
 from postdiff.runtime.manifest import Manifest, load_manifest
@@ -378,8 +379,7 @@ def _check_options(options: TuneOptions) -> None:
         raise InputError(f"--slack {options.slack} must be 0 or more (e.g. 0.5: measure up to 1.5x the budget)")
     if options.scheduler is not None and options.scheduler not in SCHEDULERS:
         raise InputError(f"--scheduler '{options.scheduler}' is not one of {list(SCHEDULERS)}")
-    if not Path(options.out).parent.is_dir():
-        raise InputError(f"--out {options.out}: folder {Path(options.out).parent} does not exist; create it first")
+    check_new_path(options.out, replace=True)
 
 
 def has_graphs(manifest: Manifest, schedule: Schedule) -> bool:
@@ -627,7 +627,6 @@ def plot_frontier(frontier: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    os.replace(tmp, path)

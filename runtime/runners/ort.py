@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from postdiff.errors import BundleError, InputError
+from postdiff.errors import CorruptBundleError, InputError
 from postdiff.runtime.manifest import GraphSpec
 from postdiff.runtime.runners.base import Runner
 
@@ -88,7 +88,7 @@ class OrtRunner(Runner):
         except InputError:
             raise
         except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise BundleError(
+            raise CorruptBundleError(
                 f"{path} could not be loaded by onnxruntime ({str(exc).splitlines()[0]}); "
                 "the file is damaged or from an incompatible exporter: re-export the bundle"
             ) from None
