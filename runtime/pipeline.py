@@ -63,7 +63,8 @@ class Pipeline:
             provider: a name from :mod:`~postdiff.runtime.runners.providers` (InputError otherwise).
             verify: check every file's sha256 first.
             shared_weights: give all UNet sessions one in-memory copy of the weights (default: when
-                the bundle has more than one UNet graph); ONNX Runtime providers only.
+                the bundle has more than one UNet graph). ONNX Runtime: one set of shared initializers;
+                OpenVINO: all UNet graphs compiled as one model (:mod:`.runners.openvino_set`).
             threads: intra-op threads per session (default: the backend's choice).
             precision: inference precision: ``auto`` (the graphs' own under ONNX Runtime; the CPU's
                 fastest under OpenVINO), ``fp32``, or ``bf16`` (OpenVINO, where the CPU has it).
@@ -83,7 +84,9 @@ class Pipeline:
         self.tokenizer = PromptTokenizer(self.manifest.tokenizer, self.bundle)
         unets = sum(1 for g in self.manifest.graphs.values() if g.variant is not None)
         share = unets > 1 if shared_weights is None else shared_weights
+        self._share = share
         self._pool = None
+        self._variant_set = None  # OpenVINO, shared weights: every UNet graph in one compiled model
         if share and self.backend == "onnxruntime":
             from postdiff.runtime.runners.weights import WeightPool
 
@@ -96,7 +99,9 @@ class Pipeline:
         """The runner of graph ``name``, created on first use."""
         if name not in self._runners:
             spec = self.manifest.graph(name)
-            if self.backend == "openvino":
+            if self.backend == "openvino" and self._share and spec.variant is not None:
+                self._runners[name] = self._openvino_variants().runner(name)
+            elif self.backend == "openvino":
                 from postdiff.runtime.runners.openvino import OpenVinoRunner
 
                 self._runners[name] = OpenVinoRunner(spec, self.bundle, self.precision, self._threads)
@@ -107,6 +112,15 @@ class Pipeline:
                 self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads)
         return self._runners[name]
 
+    def _openvino_variants(self):  # -> OpenVinoVariantSet
+        """Every UNet graph of the bundle compiled as one OpenVINO model, built on first use."""
+        if self._variant_set is None:
+            from postdiff.runtime.runners.openvino_set import OpenVinoVariantSet
+
+            names = sorted(n for n, g in self.manifest.graphs.items() if g.variant is not None)
+            self._variant_set = OpenVinoVariantSet(self.bundle, self.manifest, names, self.precision, self._threads)
+        return self._variant_set
+
     @property
     def precisions(self) -> dict[str, str]:
         """The precision each opened graph runs at, by graph name (as its backend reports it)."""
@@ -115,7 +129,7 @@ class Pipeline:
     @property
     def weights_mode(self) -> str:
         """How the UNet sessions hold their weights: "shared" (one in-memory copy) or "per-session"."""
-        return "shared" if self._pool is not None else "per-session"
+        return "shared" if self._share else "per-session"
 
     def executor(self, schedule: Schedule) -> ScheduleExecutor:
         """The executor of ``schedule`` on this bundle, made once per schedule (ScheduleError if the

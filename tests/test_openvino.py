@@ -80,22 +80,40 @@ def openvino_available():
     return pytest.importorskip("openvino")
 
 
-def _generate(bundle: Path, provider: str, precision: str, schedule=None):
+def _generate(bundle: Path, provider: str, precision: str, schedule=None, shared=None, keep=None):
     from postdiff.runtime.pipeline import GenerateOptions, Pipeline
     from postdiff.runtime.schedule import resolve_schedule
 
-    pipeline = Pipeline(bundle, provider=provider, precision=precision, threads=1)
+    pipeline = Pipeline(bundle, provider=provider, precision=precision, threads=1, shared_weights=shared)
     plan = resolve_schedule(schedule) if schedule else None
     steps = len(plan.steps) if plan else 3
     result = pipeline.generate(GenerateOptions(prompt="a cat", steps=steps, seed=3), schedule=plan)
+    if keep is not None:
+        keep.append(pipeline)
     return result.latents, pipeline.precisions
 
 
-def test_openvino_fp32_matches_onnxruntime_on_a_postdiff_schedule(openvino_available, tiny_postdiff_bundle) -> None:
-    ours, ran = _generate(tiny_postdiff_bundle, "cpu", "auto", "postdiff-sd15")
-    theirs, ran_ov = _generate(tiny_postdiff_bundle, "openvino", "fp32", "postdiff-sd15")
+@pytest.fixture(scope="module")
+def onnxruntime_postdiff(tiny_postdiff_bundle):
+    return _generate(tiny_postdiff_bundle, "cpu", "auto", "postdiff-sd15")[0]
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["one-compiled-model", "one-per-graph"])
+def test_openvino_fp32_matches_onnxruntime_on_a_postdiff_schedule(openvino_available, tiny_postdiff_bundle,
+                                                                 onnxruntime_postdiff, shared: bool) -> None:
+    from postdiff.runtime.runners.openvino_set import OpenVinoVariantSet
+
+    kept: list = []
+    theirs, ran_ov = _generate(tiny_postdiff_bundle, "openvino", "fp32", "postdiff-sd15", shared, kept)
     assert set(ran_ov.values()) == {"fp32"} and len(ran_ov) >= 5  # text encoder, decoder, several UNet variants
-    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(theirs, onnxruntime_postdiff, atol=1e-4, rtol=0)
+    sets = {id(r._owner) for r in kept[0]._runners.values() if hasattr(r, "_owner")}
+    assert len(sets) == (1 if shared else 0)  # shared: every UNet graph is a branch of one compiled model
+    if shared:
+        variants = kept[0]._variant_set
+        assert isinstance(variants, OpenVinoVariantSet) and kept[0].weights_mode == "shared"
+        assert variants.names == sorted(n for n, g in kept[0].manifest.graphs.items() if g.variant is not None)
+        assert variants.shared_constants > 0  # the graphs' common weights are one Constant each
 
 
 def test_bf16_runs_and_is_reported_where_the_cpu_has_it(openvino_available, tiny_bundle: Path) -> None:

@@ -124,11 +124,36 @@ def rss_mb() -> float:
         return 0.0
 
 
+def pss_mb() -> tuple[float, float]:
+    """(anonymous, file-backed) proportional set size of this process in MiB (Linux; zeros elsewhere).
+
+    Unlike the resident set, PSS counts a page mapped twice (OpenVINO maps the weights file once per
+    graph it reads) once, and a page shared with another process by its share.
+    """
+    sizes = {"Pss_Anon": 0.0, "Pss_File": 0.0}
+    try:
+        with open("/proc/self/smaps_rollup") as handle:
+            for line in handle:
+                key = line.split(":")[0]
+                if key in sizes:
+                    sizes[key] = int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    return sizes["Pss_Anon"], sizes["Pss_File"]
+
+
+def unet_weights_mb(manifest: Manifest) -> float:
+    """MiB of weights one full UNet graph references: the largest UNet graph's share of the weights file."""
+    tensors = manifest.weights.tensors
+    return max(sum(tensors[key].length for key in set(spec.initializers.values()))
+               for spec in manifest.graphs.values() if spec.variant is not None) / 2**20
+
+
 def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repeats: int, weights: str, prompt: str,
                     save: str, provider: str = DEFAULT_PROVIDER, precision: str = AUTO_PRECISION) -> dict:
     """Time ``repeats`` generations of ``schedule``; save the initial and final latents under ``save``."""
     plan = resolve_schedule(schedule)
-    before = rss_mb()
+    before, (anon_before, file_before) = rss_mb(), pss_mb()
     pipeline = TimedPipeline(Path(bundle), verify=False, shared_weights=WEIGHT_MODES[weights], provider=provider,
                              precision=precision)
     executor = ScheduleExecutor(pipeline.manifest, plan, pipeline.runner)
@@ -136,6 +161,7 @@ def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repea
         runner = pipeline.runner(name)  # resident and activation memory allocated
         runner.infer({t.name: np.zeros(t.shape, dtype=t.dtype) for t in runner.spec.inputs})
     sessions_mb = rss_mb() - before
+    anon, mapped = pss_mb()
     options = GenerateOptions(prompt=prompt, seed=seed, steps=len(plan.steps), scheduler=scheduler,
                               guidance=pipeline.manifest.model.default_guidance)
     initial = pipeline.initial_latents(seed, executor.first_latent_shape())
@@ -154,7 +180,9 @@ def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repea
             "overhead_pct": 100 * float(np.median(overheads)), "walls_s": walls,
             "weights": pipeline.weights_mode, "provider": provider,
             "precision": ",".join(sorted({pipeline.precisions[n] for n in executor.graph_names})),
-            "unet_graphs": len(executor.graph_names), "sessions_rss_mb": sessions_mb, "peak_rss_mb": peak_rss_mb()}
+            "unet_graphs": len(executor.graph_names), "sessions_rss_mb": sessions_mb,
+            "sessions_anon_mb": anon - anon_before, "sessions_file_mb": mapped - file_before,
+            "unet_weights_mb": unet_weights_mb(pipeline.manifest), "peak_rss_mb": peak_rss_mb()}
 
 
 def measure_diffusers(model: str, scheduler: str, steps: int, guidance: float, prompt: str, latents: str,
@@ -354,6 +382,8 @@ def _report(options: BenchOptions, manifest: Manifest, rows: dict[str, dict], pr
     for label, row in rows.items():
         final = row.pop("final")
         if "schedule" in row:
+            row["sessions_pss_mb"] = row["sessions_anon_mb"] + row["sessions_file_mb"]
+            row["sessions_x_weights"] = row["sessions_pss_mb"] / row["unet_weights_mb"]
             row["rel_l2_vs_baseline"] = rel_l2(final, finals[f"runtime:{BASELINE}"])
             if not label.startswith("runtime:"):
                 row["rel_l2_vs_reference"] = rel_l2(final, same_on_reference[row["schedule"]])
@@ -399,6 +429,7 @@ def format_report(report: dict) -> str:
                ("overhead", "overhead_pct", "{:.2f}%"), ("vs base", "speedup_vs_baseline", "{:.2f}x"),
                ("vs diff.", "speedup_vs_diffusers", "{:.2f}x"), ("MAC pred.", "mac_predicted_speedup", "{:.2f}x"),
                ("pred. s", "predicted_ms", "{:.3f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+               ("sess. MB", "sessions_pss_mb", "{:.0f}"), ("x weights", "sessions_x_weights", "{:.2f}"),
                ("precision", "precision", "{}"), ("drift/base", "rel_l2_vs_baseline", "{:.2e}"),
                ("drift/ORT", "rel_l2_vs_reference", "{:.2e}"))
     width = max(len(r["row"]) for r in report["rows"])
@@ -413,6 +444,8 @@ def format_report(report: dict) -> str:
             value = value / 1e3 if key == "predicted_ms" and value is not None else value
             cells.append(f" {'-' if value is None else fmt.format(value):>11}")
         lines.append(f"{r['row']:<{width}}" + "".join(cells))
+    lines.append("sess. MB: memory the schedule's graphs hold once opened and run (proportional set, anonymous + "
+                 "mapped files); x weights: that over one UNet's weights")
     lines.append("drift/base: ||final - runtime:baseline final|| / ||...||; drift/ORT: the same against this "
                  "schedule's own runtime: row (ONNX Runtime fp32)")
     lines += [f"{r['row']} vs diffusers: final latents max abs diff {r['max_abs_diff_vs_diffusers']:.2e}"
