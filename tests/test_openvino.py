@@ -82,7 +82,7 @@ def openvino_available():
 
 def _generate(bundle: Path, provider: str, precision: str, schedule=None, shared=None, keep=None):
     from postdiff.runtime.pipeline import GenerateOptions, Pipeline
-    from postdiff.runtime.schedule import resolve_schedule
+    from postdiff.profiles.presets import resolve_schedule
 
     pipeline = Pipeline(bundle, provider=provider, precision=precision, threads=1, shared_weights=shared)
     plan = resolve_schedule(schedule) if schedule else None

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from postdiff.runtime.errors import BundleError
+from postdiff.errors import BundleError
 from postdiff.runtime.manifest import GraphSpec, Manifest
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.openvino import compile_config, core, openvino_module, precision_name, resolve_precision
