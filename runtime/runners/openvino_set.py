@@ -1,4 +1,4 @@
-"""All UNet graphs of a bundle as one OpenVINO compiled model, holding the weights once.
+"""All UNet graphs of a bundle as one OpenVINO compiled model, sharing what OpenVINO lets them share.
 
 OpenVINO's CPU plugin repacks every weight it compiles (blocked layouts, and a bf16 copy at bf16)
 into a weights cache that belongs to one compiled model, keyed by the weight's source memory. UNet
@@ -12,6 +12,13 @@ reference one external weights file. Here they are compiled together instead:
 * each graph becomes the ``then`` body of an ``If`` on an extra ``variant`` input: ``variant == i``
   runs graph ``i``; every other ``If`` takes its empty ``else`` (one-element placeholders). The
   ``If`` operations sit side by side in one model, each with outputs of its own (``i:noise_pred``).
+
+How much this saves, measured (OpenVINO 2026.4, CPU, the nine UNet graphs of postdiff-sd15 on a
+0.4x-width SD-1.5-layout model at 256x256, 542 MB of weights; proportional set after one call each):
+fp32 1.8 GB as one model vs 4.3 GB compiled one by one; bf16 2.4 GB vs 3.1 GB. It is not one copy:
+each If body keeps its own activation memory, and at bf16 each body converts the shared f32 weights
+to bf16 for itself (a shared bf16 Constant + Convert pattern was worse: the plugin decompresses it
+per body). ONNX Runtime's shared initializers hold the same set in 1.3x the weights.
 
 Each graph keeps a :class:`Runner` of its own (:meth:`OpenVinoVariantSet.runner`): it feeds its own
 inputs and a placeholder for every input of the other graphs, selects its branch, and returns its
