@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 $(BIN)/postdiff: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch
-	$(PIP) -e ".[export,test]"
+	$(PIP) -e ".[export,test,openvino]"
 	touch $@
 
 setup: $(BIN)/postdiff

@@ -15,6 +15,8 @@ from typing import Callable
 
 from postdiff import __version__
 from postdiff.errors import EXIT_FAILURE, EXIT_USAGE, InputError, PostdiffError
+from postdiff.runtime.runners.providers import (AUTO_PRECISION, DEFAULT_PROVIDER, RUNTIME_PRECISIONS, provider_names,
+                                                providers_help)
 
 EXIT_OK, EXIT_INTERRUPTED = 0, 130
 #: what every command's exit status means (shown in --help)
@@ -81,7 +83,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     steps = len(schedule.steps) if schedule else (20 if args.steps is None else args.steps)
     GenerateOptions(prompt=args.prompt, steps=steps).validate()
     latents = _load_latents(Path(args.latents)) if args.latents else None
-    pipeline = Pipeline(Path(args.bundle), provider=args.provider)
+    pipeline = Pipeline(Path(args.bundle), provider=args.provider, precision=args.precision)
     guidance = pipeline.manifest.model.default_guidance if args.guidance is None else args.guidance
     options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                               steps=steps, guidance=guidance, scheduler=args.scheduler)
@@ -91,7 +93,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     save_png(result.image, out)
     if args.save_latents:
         np.save(args.save_latents, result.latents)
-    print(f"wrote {out} ({result.image.shape[1]}x{result.image.shape[0]}) in {elapsed:.2f} s")
+    ran = ", ".join(sorted(set(pipeline.precisions.values())))
+    print(f"wrote {out} ({result.image.shape[1]}x{result.image.shape[0]}) in {elapsed:.2f} s "
+          f"({args.provider}, {ran})")
     return EXIT_OK
 
 
@@ -145,7 +149,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         model=args.model, bundle=Path(args.bundle) if args.bundle else None,
         schedules=tuple(args.schedule or ("postdiff-sd15",)), resolution=resolution, scheduler=args.scheduler,
         seed=args.seed, repeats=args.repeats, weights=args.weights, diffusers=not args.no_diffusers,
-        device=Path(args.device) if args.device else None, prompt=args.prompt)
+        device=Path(args.device) if args.device else None, prompt=args.prompt,
+        providers=tuple(args.provider or (DEFAULT_PROVIDER,)), precisions=tuple(args.precision or (AUTO_PRECISION,)))
     report = bench(options, progress=not args.quiet)
     print(format_report(report))
     if args.json:
@@ -162,7 +167,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     out = _new_file(Path(args.out), args.overwrite)
     profile = profile_bundle(Path(args.bundle), provider=args.provider, repeats=args.repeats, warmup=args.warmup,
-                             progress=not args.quiet)
+                             progress=not args.quiet, precision=args.precision)
     write_json_atomic(out, profile)
     print(format_profile(profile))
     print(f"wrote {out}")
@@ -192,17 +197,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_provider_flags(parser: argparse.ArgumentParser) -> None:
+    """--provider (choices from the provider registry) and --precision, shared by the device commands."""
+    parser.add_argument("--provider", default=DEFAULT_PROVIDER, choices=provider_names(),
+                        help=f"backend and device (default: {DEFAULT_PROVIDER}). {providers_help()}")
+    parser.add_argument("--precision", default=AUTO_PRECISION, choices=RUNTIME_PRECISIONS,
+                        help="inference precision (default auto: the graphs' own under ONNX Runtime, the CPU's "
+                             "fastest under OpenVINO -- bf16 where the CPU has it); bf16 needs --provider openvino")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render --help). Choices come from the registries."""
     from postdiff.exporter.options import BUILTIN_SPECS, PRECISIONS
     from postdiff.profiles.presets import preset_names
-    from postdiff.runtime.runners.ort import PROVIDERS
     from postdiff.runtime.schedule import XATTN_MODES
     from postdiff.runtime.schedulers import SCHEDULERS
     from postdiff.tools.bench import WEIGHT_MODES
 
     models = ", ".join(BUILTIN_SPECS)
-    providers = sorted(PROVIDERS)
     epilog = "exit status: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items())
     parser = argparse.ArgumentParser(
         prog="postdiff",
@@ -247,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--scheduler", choices=list(SCHEDULERS),
                      help="sampler (default: the one the model ships, recorded in the bundle; an error naming "
                           "the supported ones if postdiff does not port it)")
-    gen.add_argument("--provider", default="cpu", choices=providers,
-                     help="ONNX Runtime execution provider (default: cpu)")
+    _add_provider_flags(gen)
     gen.add_argument("--latents", metavar="NPY", help="initial latents (1, C, h, w) float32 instead of seeded noise")
     gen.add_argument("--save-latents", metavar="NPY", help="also save the final latents")
     gen.add_argument("--out", required=True, help="PNG file to write")
@@ -308,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "UNet graphs, as `postdiff generate` does)")
     bench.add_argument("--device", metavar="DEVICE.json",
                        help="device profile of this bundle: adds each row's predicted latency")
+    bench.add_argument("--provider", action="append", choices=provider_names(),
+                       help=f"provider to time; repeatable: the first gives the runtime: rows, each further one the "
+                            f"baseline and every schedule again, labelled PROVIDER[-PRECISION]:SCHEDULE (default: "
+                            f"{DEFAULT_PROVIDER}). {providers_help()}")
+    bench.add_argument("--precision", action="append", choices=RUNTIME_PRECISIONS,
+                       help="inference precision of the OpenVINO rows; repeatable, one row set each (default: auto, "
+                            "the CPU's fastest)")
     bench.add_argument("--no-diffusers", action="store_true", help="skip the diffusers row (no torch needed)")
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -316,8 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help=_cmd_profile.__doc__, description=_cmd_profile.__doc__)
     prof.add_argument("bundle", help="bundle folder written by `postdiff export`")
     prof.add_argument("--out", required=True, metavar="DEVICE.json", help="device profile to write")
-    prof.add_argument("--provider", default="cpu", choices=providers,
-                      help="ONNX Runtime execution provider (default: cpu)")
+    _add_provider_flags(prof)
     prof.add_argument("--repeats", type=int, default=10, help="timed calls per graph and operation (default: 10)")
     prof.add_argument("--warmup", type=int, default=2, help="untimed calls before them (default: 2)")
     prof.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

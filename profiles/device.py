@@ -10,7 +10,8 @@ Schema (all times in milliseconds, wall clock, warm-up calls excluded)::
     {
       "format_version": 1,
       "created": "2025-01-01T12:00:00+00:00",        # ISO 8601, UTC
-      "machine": {"cpu", "cores", "gpu", "os", "python", "numpy", "onnxruntime", "postdiff", "provider"},
+      "machine": {"cpu", "cores", "gpu", "os", "python", "numpy", "onnxruntime", "postdiff", "provider",
+                  "precision", "openvino"},          # precision and openvino optional (fp32, "")
       "bundle": {"source", "manifest_sha256", "schedules"},
       "weights": "shared" | "per-session",           # how the UNet sessions held their weights
       "warmup": 2,                                   # untimed calls before each measurement series
@@ -68,7 +69,9 @@ class Machine:
     numpy: str
     onnxruntime: str
     postdiff: str
-    provider: str  # cpu | cuda | tensorrt
+    provider: str  # a name from postdiff.runtime.runners.providers: cpu | cuda | tensorrt | openvino
+    precision: str = "fp32"  # the inference precision the UNet graphs ran at (as the backend reported it)
+    openvino: str = ""  # OpenVINO version, when the provider is openvino
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,7 @@ from postdiff.runtime.image import to_uint8
 from postdiff.runtime.manifest import Manifest, load_manifest
 from postdiff.runtime.names import HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, VAE_DECODER
 from postdiff.runtime.runners.base import Runner
-from postdiff.runtime.runners.ort import OrtRunner
-from postdiff.runtime.runners.weights import WeightPool
+from postdiff.runtime.runners.providers import AUTO_PRECISION, get_provider
 from postdiff.runtime.schedule import Schedule, plain_schedule
 from postdiff.runtime.schedulers import Scheduler, default_scheduler, make_scheduler
 from postdiff.runtime.tokenizer import PromptTokenizer
@@ -57,22 +56,41 @@ class Pipeline:
     """Loads a bundle's graphs once and generates images from prompts."""
 
     def __init__(self, bundle: Path, provider: str = "cpu", verify: bool = True,
-                 shared_weights: bool | None = None, threads: int | None = None) -> None:
+                 shared_weights: bool | None = None, threads: int | None = None, precision: str = AUTO_PRECISION) -> None:
         """Load a bundle.
 
         Args:
+            provider: a name from :mod:`~postdiff.runtime.runners.providers` (InputError otherwise).
             verify: check every file's sha256 first.
             shared_weights: give all UNet sessions one in-memory copy of the weights (default: when
-                the bundle has more than one UNet graph).
-            threads: intra-op threads per ONNX Runtime session (default: ONNX Runtime's choice).
+                the bundle has more than one UNet graph). ONNX Runtime: one set of shared initializers;
+                OpenVINO: all UNet graphs compiled as one model (:mod:`.runners.openvino_set`).
+            threads: intra-op threads per session (default: the backend's choice).
+            precision: inference precision: ``auto`` (the graphs' own under ONNX Runtime; the CPU's
+                fastest under OpenVINO), ``fp32``, or ``bf16`` (OpenVINO, where the CPU has it).
         """
         self.bundle = Path(bundle)
-        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         self.provider = provider
+        self.backend = get_provider(provider).backend
+        self.precision = precision
+        if self.backend == "openvino":
+            from postdiff.runtime.runners.openvino import resolve_precision
+
+            self.precision = resolve_precision(precision)  # InputError before any file is read
+        elif precision not in (AUTO_PRECISION, "fp32"):
+            raise InputError(f"--precision {precision} needs --provider openvino; ONNX Runtime runs the graphs at "
+                             "the precision they were exported with (postdiff export --precision)")
+        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         self.tokenizer = PromptTokenizer(self.manifest.tokenizer, self.bundle)
         unets = sum(1 for g in self.manifest.graphs.values() if g.variant is not None)
         share = unets > 1 if shared_weights is None else shared_weights
-        self._pool = WeightPool(self.bundle, self.manifest) if share else None
+        self._share = share
+        self._pool = None
+        self._variant_set = None  # OpenVINO, shared weights: every UNet graph in one compiled model
+        if share and self.backend == "onnxruntime":
+            from postdiff.runtime.runners.weights import WeightPool
+
+            self._pool = WeightPool(self.bundle, self.manifest)
         self._runners: dict[str, Runner] = {}
         self._executors: dict[Schedule, ScheduleExecutor] = {}
         self._threads = threads
@@ -81,14 +99,37 @@ class Pipeline:
         """The runner of graph ``name``, created on first use."""
         if name not in self._runners:
             spec = self.manifest.graph(name)
-            shared = self._pool.initializers(spec) if self._pool is not None else None
-            self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads)
+            if self.backend == "openvino" and self._share and spec.variant is not None:
+                self._runners[name] = self._openvino_variants().runner(name)
+            elif self.backend == "openvino":
+                from postdiff.runtime.runners.openvino import OpenVinoRunner
+
+                self._runners[name] = OpenVinoRunner(spec, self.bundle, self.precision, self._threads)
+            else:
+                from postdiff.runtime.runners.ort import OrtRunner
+
+                shared = self._pool.initializers(spec) if self._pool is not None else None
+                self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads)
         return self._runners[name]
+
+    def _openvino_variants(self):  # -> OpenVinoVariantSet
+        """Every UNet graph of the bundle compiled as one OpenVINO model, built on first use."""
+        if self._variant_set is None:
+            from postdiff.runtime.runners.openvino_set import OpenVinoVariantSet
+
+            names = sorted(n for n, g in self.manifest.graphs.items() if g.variant is not None)
+            self._variant_set = OpenVinoVariantSet(self.bundle, self.manifest, names, self.precision, self._threads)
+        return self._variant_set
+
+    @property
+    def precisions(self) -> dict[str, str]:
+        """The precision each opened graph runs at, by graph name (as its backend reports it)."""
+        return {name: runner.precision for name, runner in sorted(self._runners.items())}
 
     @property
     def weights_mode(self) -> str:
         """How the UNet sessions hold their weights: "shared" (one in-memory copy) or "per-session"."""
-        return "shared" if self._pool is not None else "per-session"
+        return "shared" if self._share else "per-session"
 
     def executor(self, schedule: Schedule) -> ScheduleExecutor:
         """The executor of ``schedule`` on this bundle, made once per schedule (ScheduleError if the

@@ -6,7 +6,12 @@ Rows, each measured in a child process of its own (so that its peak resident mem
 * ``diffusers:baseline`` -- the same generation in PyTorch through diffusers
   (:func:`~postdiff.exporter.torch_reference.diffusers_generate`), from the runtime's initial latents; the
   final latents of the two are compared, so that a speed figure never hides a wrong result;
-* ``runtime:SCHEDULE`` -- one row per ``--schedule`` (preset or schedule file).
+* ``runtime:SCHEDULE`` -- one row per ``--schedule`` (preset or schedule file);
+* ``PROVIDER[-PRECISION]:SCHEDULE`` -- the baseline and every schedule again on each further
+  ``--provider`` (e.g. ``openvino:postdiff-sd15``, ``openvino-fp32:baseline``), at each ``--precision``
+  that provider runs. Every row's final latents are compared with the fp32 baseline
+  (``runtime:baseline``), and each further provider's with the same schedule on ONNX Runtime, so a
+  cheaper precision shows its drift beside its speed.
 
 Every row does one untimed warm-up generation (sessions, allocators), then ``repeats`` timed
 ones: the median wall time of prompt encoding + denoising + decoding. Runtime rows also add up the
@@ -40,6 +45,7 @@ from postdiff.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.runners.base import Runner
 from postdiff.profiles.presets import resolve_schedule
+from postdiff.runtime.runners.providers import AUTO_PRECISION, DEFAULT_PROVIDER, get_provider
 from postdiff.tools.evaluate import SD_PROMPTS
 from postdiff.tools.profiler import cpu_model, peak_rss_mb, predict_ms
 
@@ -66,6 +72,8 @@ class BenchOptions:
     diffusers: bool = True  # also time diffusers (needs torch and the model)
     device: Path | None = None  # device profile: adds each row's predicted latency
     prompt: str | None = None  # default: the first calibration prompt (SD_PROMPTS), or a label model's first label
+    providers: tuple[str, ...] = (DEFAULT_PROVIDER,)  # the first is the reference (its baseline is "runtime:")
+    precisions: tuple[str, ...] = (AUTO_PRECISION,)  # for providers that choose one (OpenVINO)
 
 
 # --- child side: one row, in its own process ------------------------------------------------------------
@@ -116,17 +124,44 @@ def rss_mb() -> float:
         return 0.0
 
 
+def pss_mb() -> tuple[float, float]:
+    """(anonymous, file-backed) proportional set size of this process in MiB (Linux; zeros elsewhere).
+
+    Unlike the resident set, PSS counts a page mapped twice (OpenVINO maps the weights file once per
+    graph it reads) once, and a page shared with another process by its share.
+    """
+    sizes = {"Pss_Anon": 0.0, "Pss_File": 0.0}
+    try:
+        with open("/proc/self/smaps_rollup") as handle:
+            for line in handle:
+                key = line.split(":")[0]
+                if key in sizes:
+                    sizes[key] = int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    return sizes["Pss_Anon"], sizes["Pss_File"]
+
+
+def unet_weights_mb(manifest: Manifest) -> float:
+    """MiB of weights one full UNet graph references: the largest UNet graph's share of the weights file."""
+    tensors = manifest.weights.tensors
+    return max(sum(tensors[key].length for key in set(spec.initializers.values()))
+               for spec in manifest.graphs.values() if spec.variant is not None) / 2**20
+
+
 def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repeats: int, weights: str, prompt: str,
-                    save: str) -> dict:
+                    save: str, provider: str = DEFAULT_PROVIDER, precision: str = AUTO_PRECISION) -> dict:
     """Time ``repeats`` generations of ``schedule``; save the initial and final latents under ``save``."""
     plan = resolve_schedule(schedule)
-    before = rss_mb()
-    pipeline = TimedPipeline(Path(bundle), verify=False, shared_weights=WEIGHT_MODES[weights])
+    before, (anon_before, file_before) = rss_mb(), pss_mb()
+    pipeline = TimedPipeline(Path(bundle), verify=False, shared_weights=WEIGHT_MODES[weights], provider=provider,
+                             precision=precision)
     executor = ScheduleExecutor(pipeline.manifest, plan, pipeline.runner)
     for name in executor.graph_names:  # every UNet session the schedule needs, run once: weights
         runner = pipeline.runner(name)  # resident and activation memory allocated
         runner.infer({t.name: np.zeros(t.shape, dtype=t.dtype) for t in runner.spec.inputs})
     sessions_mb = rss_mb() - before
+    anon, mapped = pss_mb()
     options = GenerateOptions(prompt=prompt, seed=seed, steps=len(plan.steps), scheduler=scheduler,
                               guidance=pipeline.manifest.model.default_guidance)
     initial = pipeline.initial_latents(seed, executor.first_latent_shape())
@@ -143,8 +178,11 @@ def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repea
     overheads = [(w - g) / w for w, g in zip(walls, graphs)]
     return {"wall_s": float(np.median(walls)), "graph_s": float(np.median(graphs)),
             "overhead_pct": 100 * float(np.median(overheads)), "walls_s": walls,
-            "weights": pipeline.weights_mode,
-            "unet_graphs": len(executor.graph_names), "sessions_rss_mb": sessions_mb, "peak_rss_mb": peak_rss_mb()}
+            "weights": pipeline.weights_mode, "provider": provider,
+            "precision": ",".join(sorted({pipeline.precisions[n] for n in executor.graph_names})),
+            "unet_graphs": len(executor.graph_names), "sessions_rss_mb": sessions_mb,
+            "sessions_anon_mb": anon - anon_before, "sessions_file_mb": mapped - file_before,
+            "unet_weights_mb": unet_weights_mb(pipeline.manifest), "peak_rss_mb": peak_rss_mb()}
 
 
 def measure_diffusers(model: str, scheduler: str, steps: int, guidance: float, prompt: str, latents: str,
@@ -214,6 +252,10 @@ def check_options(options: BenchOptions) -> None:
         raise InputError(f"--repeats {options.repeats} is below 1; time at least one generation per row (default 3)")
     if options.weights not in WEIGHT_MODES:
         raise InputError(f"--weights '{options.weights}' is not one of {list(WEIGHT_MODES)}")
+    for provider in options.providers:
+        get_provider(provider)  # InputError naming the choices
+    if not options.providers or not options.precisions:
+        raise InputError("--provider and --precision each need at least one value")
     if options.bundle is None and options.model is None:
         raise InputError("nothing to benchmark: give --model MODEL (exported to a temporary bundle) and/or "
                          "--bundle DIR (used if it exists, else --model is exported there)")
@@ -271,12 +313,18 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
         predicted = [predict_ms(profile, manifest, plan, options.scheduler) for plan in plans] if profile else None
         model = diffusers_source(options, manifest) if options.diffusers else None
         prompt = options.prompt if options.prompt is not None else default_prompt(manifest)
-        # (label, index into plans or None for diffusers); diffusers starts from the baseline's latents
-        order = [(f"runtime:{BASELINE}", 0)] + ([("diffusers:baseline", None)] if model else []) + \
-                [(f"runtime:{plan.name}", i) for i, plan in enumerate(plans) if i > 0]
+        # (label, index into plans or None for diffusers, provider, precision); diffusers starts from the
+        # baseline's latents
+        reference = options.providers[0]
+        order = [(f"runtime:{BASELINE}", 0, reference, AUTO_PRECISION)] + \
+                ([("diffusers:baseline", None, "", "")] if model else []) + \
+                [(f"runtime:{plan.name}", i, reference, AUTO_PRECISION) for i, plan in enumerate(plans) if i > 0]
+        for provider, precision in provider_rows(options):
+            order += [(f"{row_prefix(provider, precision)}:{plan.name}", i, provider, precision)
+                      for i, plan in enumerate(plans)]
         rows: dict[str, dict] = {}
         bar = tqdm(order, desc="bench", unit="row", disable=not progress)
-        for number, (label, index) in enumerate(bar):
+        for number, (label, index, provider, precision) in enumerate(bar):
             bar.set_postfix_str(label)
             what = f"bench row {label}"
             save = scratch / f"row{number}"
@@ -291,7 +339,8 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
                 row = run_child(what, {"kind": "runtime", "bundle": str(bundle), "schedule": specs[index],
                                  "scheduler": options.scheduler, "seed": options.seed,
                                  "repeats": options.repeats, "weights": options.weights, "prompt": prompt,
-                                 "save": str(save)})
+                                 "save": str(save), "provider": provider, "precision": precision})
+                row["schedule"] = plans[index].name
                 row["unet_gmacs"] = total_macs(plans[index], manifest) / 1e9
                 if predicted is not None:
                     row["predicted_ms"] = predicted[index]
@@ -301,15 +350,47 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
     return _report(options, manifest, rows, prompt)
 
 
+def provider_rows(options: BenchOptions) -> list[tuple[str, str]]:
+    """(provider, precision) of every row set after the reference provider's: each further provider
+    (the reference again too, when it takes precisions) at each ``--precision`` its backend runs."""
+    pairs: list[tuple[str, str]] = []
+    for number, provider in enumerate(options.providers):
+        if get_provider(provider).backend == "onnxruntime":
+            if number > 0:
+                pairs.append((provider, AUTO_PRECISION))
+            continue
+        pairs += [(provider, precision) for precision in options.precisions]
+    return list(dict.fromkeys(pairs))
+
+
+def row_prefix(provider: str, precision: str) -> str:
+    """``openvino``, ``openvino-fp32``: the label of a further provider's rows."""
+    return provider if precision == AUTO_PRECISION else f"{provider}-{precision}"
+
+
+def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b|| / ||b||: how far latents ``a`` drifted from the reference ``b``."""
+    return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-30))
+
+
 def _report(options: BenchOptions, manifest: Manifest, rows: dict[str, dict], prompt: str) -> dict:
     """Ratios against the runtime baseline and diffusers; the final-latent difference of the two."""
     import onnxruntime as ort
 
     base = rows[f"runtime:{BASELINE}"]
     theirs = rows.get("diffusers:baseline")
+    finals = {label: row["final"] for label, row in rows.items()}
+    same_on_reference = {row["schedule"]: finals[label] for label, row in rows.items()
+                         if label.startswith("runtime:")}
     report_rows = []
     for label, row in rows.items():
         final = row.pop("final")
+        if "schedule" in row:
+            row["sessions_pss_mb"] = row["sessions_anon_mb"] + row["sessions_file_mb"]
+            row["sessions_x_weights"] = row["sessions_pss_mb"] / row["unet_weights_mb"]
+            row["rel_l2_vs_baseline"] = rel_l2(final, finals[f"runtime:{BASELINE}"])
+            if not label.startswith("runtime:"):
+                row["rel_l2_vs_reference"] = rel_l2(final, same_on_reference[row["schedule"]])
         out = {"row": label, **{k: _round(v) for k, v in row.items()},
                "speedup_vs_baseline": round(base["wall_s"] / row["wall_s"], 3)}
         if theirs is not None:
@@ -319,13 +400,23 @@ def _report(options: BenchOptions, manifest: Manifest, rows: dict[str, dict], pr
         if label == f"runtime:{BASELINE}" and theirs is not None:
             out["max_abs_diff_vs_diffusers"] = float(np.max(np.abs(final - theirs["final"])))
         report_rows.append(out)
-    report_rows.sort(key=lambda r: (not r["row"].startswith("diffusers"), r["row"] != f"runtime:{BASELINE}"))
+    report_rows.sort(key=lambda r: (not r["row"].startswith("diffusers"), r["row"] != f"runtime:{BASELINE}",
+                                    not r["row"].startswith("runtime:")))
     return {"machine": f"{cpu_model()} ({os.cpu_count()} cores), {platform.system()}",
-            "onnxruntime": ort.__version__, "model": manifest.model.source,
+            "onnxruntime": ort.__version__, "openvino": _openvino_version(options), "model": manifest.model.source,
             "resolution": f"{manifest.model.height}x{manifest.model.width}",
             "bundle": str(options.bundle) if options.bundle else None,
             "scheduler": options.scheduler, "prompt": prompt, "seed": options.seed, "repeats": options.repeats,
             "rows": report_rows}
+
+
+def _openvino_version(options: BenchOptions) -> str | None:
+    """The OpenVINO version, when a row ran on it."""
+    if not any(get_provider(p).backend == "openvino" for p in options.providers):
+        return None
+    from postdiff.runtime.runners.openvino import openvino_module
+
+    return openvino_module().get_version()
 
 
 def _round(value):
@@ -341,10 +432,14 @@ def format_report(report: dict) -> str:
     columns = (("wall s", "wall_s", "{:.3f}"), ("graphs s", "graph_s", "{:.3f}"),
                ("overhead", "overhead_pct", "{:.2f}%"), ("vs base", "speedup_vs_baseline", "{:.2f}x"),
                ("vs diff.", "speedup_vs_diffusers", "{:.2f}x"), ("MAC pred.", "mac_predicted_speedup", "{:.2f}x"),
-               ("pred. s", "predicted_ms", "{:.3f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"))
+               ("pred. s", "predicted_ms", "{:.3f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+               ("sess. MB", "sessions_pss_mb", "{:.0f}"), ("x weights", "sessions_x_weights", "{:.2f}"),
+               ("precision", "precision", "{}"), ("drift/base", "rel_l2_vs_baseline", "{:.2e}"),
+               ("drift/ORT", "rel_l2_vs_reference", "{:.2e}"))
     width = max(len(r["row"]) for r in report["rows"])
     lines = [f"{report['model']} {report['resolution']}, {report['scheduler']}, prompt {report['prompt']!r}, "
-             f"median of {report['repeats']}; {report['machine']}, onnxruntime {report['onnxruntime']}",
+             f"median of {report['repeats']}; {report['machine']}, onnxruntime {report['onnxruntime']}"
+             + (f", openvino {report['openvino']}" if report.get("openvino") else ""),
              f"{'row':<{width}}" + "".join(f" {title:>11}" for title, _, _ in columns)]
     for r in report["rows"]:
         cells = []
@@ -353,6 +448,10 @@ def format_report(report: dict) -> str:
             value = value / 1e3 if key == "predicted_ms" and value is not None else value
             cells.append(f" {'-' if value is None else fmt.format(value):>11}")
         lines.append(f"{r['row']:<{width}}" + "".join(cells))
+    lines.append("sess. MB: memory the schedule's graphs hold once opened and run (proportional set, anonymous + "
+                 "mapped files); x weights: that over one UNet's weights")
+    lines.append("drift/base: ||final - runtime:baseline final|| / ||...||; drift/ORT: the same against this "
+                 "schedule's own runtime: row (ONNX Runtime fp32)")
     lines += [f"{r['row']} vs diffusers: final latents max abs diff {r['max_abs_diff_vs_diffusers']:.2e}"
               for r in report["rows"] if "max_abs_diff_vs_diffusers" in r]
     return "\n".join(lines)

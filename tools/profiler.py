@@ -34,6 +34,8 @@ from postdiff.runtime.executor import concrete, required_graphs, switch_noise
 from postdiff.runtime.manifest import Manifest, TensorSpec, dump_manifest
 from postdiff.runtime.names import TEXT_ENCODER, TIMESTEP, VAE_DECODER
 from postdiff.runtime.pipeline import Pipeline
+from postdiff.runtime.runners.openvino import openvino_module
+from postdiff.runtime.runners.providers import AUTO_PRECISION, get_provider
 from postdiff.runtime.resize import resize_bilinear
 from postdiff.runtime.schedule import Schedule, plan_steps
 from postdiff.runtime.schedulers import available_schedulers, make_scheduler
@@ -244,29 +246,35 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
-def machine_info(provider: str) -> Machine:
-    """The machine and library versions a profile is measured with."""
+def machine_info(provider: str, precision: str = "fp32") -> Machine:
+    """The machine and library versions a profile is measured with (``precision``: what the UNet
+    graphs ran at)."""
     import onnxruntime as ort
 
     from postdiff import __version__
 
+    openvino = ""
+    if get_provider(provider).backend == "openvino":
+        openvino = openvino_module().get_version()
     return Machine(cpu=cpu_model(), cores=os.cpu_count() or 1, gpu=gpu_name(ort.get_available_providers()),
                    os=platform.platform(), python=platform.python_version(), numpy=np.__version__,
-                   onnxruntime=ort.__version__, postdiff=__version__, provider=provider)
+                   onnxruntime=ort.__version__, postdiff=__version__, provider=provider, precision=precision,
+                   openvino=openvino)
 
 
 def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmup: int = 2, progress: bool = True,
-                   shared_weights: bool | None = None) -> DeviceProfile:
+                   shared_weights: bool | None = None, precision: str = AUTO_PRECISION) -> DeviceProfile:
     """Measure every graph of ``bundle`` and the runtime's numpy operations on this machine.
 
     Args:
         bundle: a bundle folder written by ``postdiff export`` (its files are sha256-checked).
-        provider: ONNX Runtime provider to time (cpu, cuda, tensorrt).
+        provider: provider to time (a name from :mod:`postdiff.runtime.runners.providers`).
         repeats: timed calls per graph or operation (median and spread come from these).
         warmup: untimed calls before them (session initialisation, allocator growth, kernel tuning).
         progress: show a progress bar.
         shared_weights: as in :class:`~postdiff.runtime.pipeline.Pipeline` (default: shared when the
             bundle has several UNet graphs, as generation does).
+        precision: inference precision, as in :class:`~postdiff.runtime.pipeline.Pipeline`.
 
     Raises:
         InputError: ``repeats`` below 1, negative ``warmup``, or a provider this machine lacks.
@@ -276,10 +284,11 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
         raise InputError(f"--repeats {repeats} is below 1; time each graph at least once (default 10)")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise InputError(f"--warmup {warmup} is negative; use 0 or more untimed calls (default 2)")
-    pipeline = Pipeline(Path(bundle), provider=provider, shared_weights=shared_weights)
+    pipeline = Pipeline(Path(bundle), provider=provider, shared_weights=shared_weights, precision=precision)
     manifest = pipeline.manifest
-    machine = machine_info(provider)
     pipeline.load_all()  # every session open while timing, as when a schedule uses them all
+    ran = {pipeline.precisions[name] for name, spec in manifest.graphs.items() if spec.variant is not None}
+    machine = machine_info(provider, ",".join(sorted(ran)))
     rng = np.random.default_rng(0)
     num_train = int(manifest.scheduler.get("num_train_timesteps", 1000))
     timestep = min(PROFILE_TIMESTEP, num_train - 1)
@@ -289,14 +298,15 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
     samplers = available_schedulers(manifest.scheduler)  # those this bundle's config can configure
     bar = tqdm(total=len(names) + 1 + len(samplers) * len(sizes) + len(pairs), desc="profile", unit="op",
                disable=not progress)
-    peak_gpu = gpu_memory_mb() if provider != "cpu" else None
+    on_gpu = get_provider(provider).gpu
+    peak_gpu = gpu_memory_mb() if on_gpu else None
     feeds = {name: random_feed(pipeline.runner(name).spec.inputs, rng, timestep) for name in names}
     graphs: dict[str, Timing] = {}
     for name in names:
         bar.set_postfix_str(name)
         runner = pipeline.runner(name)
         graphs[name] = time_calls(lambda _i: runner.infer(feeds[name]), repeats, warmup)
-        peak_gpu = _max_or_none(peak_gpu, gpu_memory_mb() if provider != "cpu" else None)
+        peak_gpu = _max_or_none(peak_gpu, gpu_memory_mb() if on_gpu else None)
         bar.update()
     bar.set_postfix_str("all graphs, round-robin")
     unet_size = {name: tuple(spec.variant.latent) for name, spec in manifest.graphs.items() if spec.variant}

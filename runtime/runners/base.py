@@ -22,6 +22,11 @@ class Runner(ABC):
     def __init__(self, spec: GraphSpec) -> None:
         self.spec = spec
 
+    @property
+    def precision(self) -> str:
+        """The precision the graph runs at: the manifest's (fp32, fp16) unless the backend says otherwise."""
+        return self.spec.precision
+
     def infer(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the graph on ``feed`` (one array per graph input, keyed by input name), after checking
         its names, shapes and dtypes against the manifest.

@@ -11,30 +11,27 @@ import onnxruntime as ort
 from postdiff.errors import CorruptBundleError, InputError
 from postdiff.runtime.manifest import GraphSpec
 from postdiff.runtime.runners.base import Runner
-
-PROVIDERS = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
-}
+from postdiff.runtime.runners.providers import DEFAULT_PROVIDER, PROVIDERS, get_provider
 
 
 def execution_providers(provider: str) -> list[str]:
     """ONNX Runtime provider list for a postdiff provider name, with CPU as the fallback.
 
     Raises:
-        InputError: unknown name, or a provider this onnxruntime build lacks.
+        InputError: unknown name, a provider of another backend, or one this onnxruntime build lacks.
     """
-    if provider not in PROVIDERS:
-        raise InputError(f"unknown provider '{provider}'; expected one of {sorted(PROVIDERS)}")
-    wanted = PROVIDERS[provider]
+    chosen = get_provider(provider)
+    if chosen.backend != "onnxruntime":
+        raise InputError(f"provider '{provider}' runs on {chosen.backend}, not ONNX Runtime; open it with its own "
+                         "runner (Pipeline does)")
     available = ort.get_available_providers()
-    if wanted not in available:
+    if chosen.target not in available:
         raise InputError(
-            f"provider '{provider}' needs {wanted}, which this onnxruntime build lacks "
-            f"(it has {available}); install onnxruntime-gpu for cuda/tensorrt, or use --provider cpu"
+            f"provider '{provider}' needs {chosen.target}, which this onnxruntime build lacks "
+            f"(it has {available}); {chosen.install}, or use --provider {DEFAULT_PROVIDER}"
         )
-    return [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
+    fallback = PROVIDERS[DEFAULT_PROVIDER].target
+    return [chosen.target] if chosen.target == fallback else [chosen.target, fallback]
 
 
 _SHARED_ARENA: list[bool] = []
