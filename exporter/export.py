@@ -33,7 +33,7 @@ from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, Mode
                                        TokenizerSpec, UNetVariant, sha256_file)
 from postdiff.runtime.executor import at_latent
 from postdiff.profiles.presets import resolve_schedule
-from postdiff.runtime.schedule import PLAIN, Schedule, graph_variants
+from postdiff.runtime.schedule import PLAIN, PLAIN_OFF, Schedule, graph_variants
 from postdiff.runtime.schedulers import normalize_config
 
 PRECISIONS = ("fp32", "fp16")
@@ -75,13 +75,18 @@ def check_resolution(model: LoadedModel, height: int, width: int) -> None:
 
 
 def unet_variants(schedules: list[Schedule], latent: tuple[int, int], multiple: int) -> list[UNetVariant]:
-    """Every UNet variant the schedules evaluate, made concrete at this bundle's latent size."""
-    if not schedules:
-        return [at_latent(PLAIN, latent, multiple)]
+    """Every UNet variant the schedules evaluate, made concrete at this bundle's latent size.
+
+    Wherever plain generation's batch-2 graph is exported, its batch-1 twin comes with it (same
+    weights, one small graph file): plain generation with guidance off runs that, as diffusers does.
+    """
     variants: dict[UNetVariant, None] = {}
     for schedule in schedules:
         for v in graph_variants(schedule):
             variants.setdefault(at_latent(v, latent, multiple))
+    if not schedules or at_latent(PLAIN, latent, multiple) in variants:
+        variants.setdefault(at_latent(PLAIN, latent, multiple))
+        variants.setdefault(at_latent(PLAIN_OFF, latent, multiple))
     return list(variants)
 
 

@@ -31,3 +31,7 @@ class ScheduleError(PostdiffError, ValueError):
 
 class ParityError(PostdiffError):
     """An exported graph does not reproduce its torch reference within tolerance."""
+
+
+class GenerationError(PostdiffError):
+    """A generation failed while running (not because of its input); images written before it are kept."""

@@ -8,21 +8,27 @@ rounding. Shapes and dtypes come from the manifest; roles and tensor names from 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from postdiff.errors import InputError
-from postdiff.runtime.executor import ScheduleExecutor
+from postdiff.errors import InputError, ScheduleError
+from postdiff.runtime.clock import process_age_s
+from postdiff.runtime.executor import ScheduleExecutor, concrete, resolve_graphs
 from postdiff.runtime.image import to_uint8
 from postdiff.runtime.manifest import Manifest, load_manifest
+from postdiff.runtime.memory import Phase, PhaseEstimate, check_budget, estimate, step_phases
 from postdiff.runtime.names import HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, VAE_DECODER
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.ort import OrtRunner
 from postdiff.runtime.runners.weights import WeightPool
-from postdiff.runtime.schedule import Schedule, plain_schedule
+from postdiff.runtime.schedule import PLAIN_OFF, Schedule, plain_schedule
 from postdiff.runtime.schedulers import make_scheduler
+from postdiff.runtime.stamp import verify_bundle
 from postdiff.runtime.tokenizer import PromptTokenizer
 
 
@@ -43,6 +49,22 @@ class GenerateOptions:
             raise InputError(f"--steps {self.steps} is not positive; use a step count of at least 1")
         if not np.isfinite(self.guidance):
             raise InputError(f"--guidance {self.guidance} is not a finite number")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise InputError(f"seed {self.seed!r} is not a whole number >= 0; use e.g. --seed 0")
+        check_text(self.prompt, "prompt")
+        check_text(self.negative_prompt, "negative prompt")
+
+
+def check_text(text: str, what: str) -> None:
+    """InputError unless ``text`` is a string of valid Unicode (no lone surrogates, which a shell
+    passes for bytes that are not UTF-8)."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} {text!r} is not text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what} {text!r} is not valid Unicode (character {exc.start} is a lone surrogate: "
+                         "bytes that are not UTF-8); pass the prompt as UTF-8 text") from None
 
 
 @dataclass(frozen=True)
@@ -54,36 +76,68 @@ class Generation:
 
 
 class Pipeline:
-    """Loads a bundle's graphs once and generates images from prompts."""
+    """Loads a bundle once and generates images from prompts: the runtime's Python API.
+
+    Sessions open on first use and, without a memory budget, stay open for the next image. With
+    ``memory_budget_mb`` only the graphs of the current phase are open (see
+    :mod:`postdiff.runtime.memory`) and a generation whose largest phase cannot fit is refused before
+    any compute. ``timings`` records the cold-start figures: ``verify_s`` (manifest + stamp check),
+    ``sessions_s`` (session creation, summed), ``load_s`` (process start to the first UNet call).
+    """
 
     def __init__(self, bundle: Path, provider: str = "cpu", verify: bool = True,
-                 shared_weights: bool | None = None, threads: int | None = None) -> None:
+                 shared_weights: bool | None = None, threads: int | None = None,
+                 memory_budget_mb: float | None = None) -> None:
         """Load a bundle.
 
         Args:
-            verify: check every file's sha256 first.
+            verify: check every file against its sha256, hashing only what the bundle's stamp does
+                not vouch for (:mod:`postdiff.runtime.stamp`); False skips the check.
             shared_weights: give all UNet sessions one in-memory copy of the weights (default: when
                 the bundle has more than one UNet graph).
             threads: intra-op threads per ONNX Runtime session (default: ONNX Runtime's choice).
+            memory_budget_mb: open only the current phase's graphs and refuse a generation whose
+                largest phase is estimated above this many MB.
         """
+        started = time.perf_counter()
         self.bundle = Path(bundle)
-        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
+        self.manifest: Manifest = load_manifest(self.bundle, verify=False)
+        if verify:
+            verify_bundle(self.bundle, self.manifest)
         self.provider = provider
         self.tokenizer = PromptTokenizer(self.manifest.tokenizer, self.bundle)
+        self.timings: dict[str, float] = {"verify_s": time.perf_counter() - started, "sessions_s": 0.0}
         unets = sum(1 for g in self.manifest.graphs.values() if g.variant is not None)
         share = unets > 1 if shared_weights is None else shared_weights
         self._pool = WeightPool(self.bundle, self.manifest) if share else None
         self._runners: dict[str, Runner] = {}
         self._executors: dict[Schedule, ScheduleExecutor] = {}
+        self._checked: set[Schedule] = set()
         self._threads = threads
+        if memory_budget_mb is not None and not memory_budget_mb > 0:
+            raise InputError(f"--memory-budget {memory_budget_mb} is not a positive number of MB")
+        self.memory_budget_mb = memory_budget_mb
 
     def runner(self, name: str) -> Runner:
-        """The runner of graph ``name``, created on first use."""
+        """The runner of graph ``name``, opened on first use (or again after a release)."""
         if name not in self._runners:
             spec = self.manifest.graph(name)
             shared = self._pool.initializers(spec) if self._pool is not None else None
-            self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads)
+            started = time.perf_counter()
+            self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads,
+                                            prepack=name != TEXT_ENCODER, arena=self.memory_budget_mb is None)
+            self.timings["sessions_s"] += time.perf_counter() - started
         return self._runners[name]
+
+    def release(self, name: str) -> None:
+        """Close graph ``name``'s session and drop the shared weights no open graph holds."""
+        if self._runners.pop(name, None) is not None and self._pool is not None:
+            self._pool.release(self.manifest.graph(name))
+
+    @property
+    def open_graphs(self) -> list[str]:
+        """Names of the graphs with an open session."""
+        return sorted(self._runners)
 
     @property
     def weights_mode(self) -> str:
@@ -94,13 +148,57 @@ class Pipeline:
         """The executor of ``schedule`` on this bundle, made once per schedule (ScheduleError if the
         bundle lacks its graphs)."""
         if schedule not in self._executors:
-            self._executors[schedule] = ScheduleExecutor(self.manifest, schedule, self.runner)
+            release = self.release if self.memory_budget_mb is not None else None
+            self._executors[schedule] = ScheduleExecutor(self.manifest, schedule, self.runner, release)
         return self._executors[schedule]
 
     def load_all(self) -> None:
         """Open a session for every graph now (benchmarks exclude this from their timings)."""
         for name in sorted(self.manifest.graphs):
             self.runner(name)
+
+    def plan_for(self, guidance: float, steps: int) -> Schedule:
+        """Plain generation's schedule: guided (batch 2), or with guidance off (<= 1) batch 1 as
+        diffusers runs it -- where the bundle has that graph (older bundles: batch 2, half unused)."""
+        plan = plain_schedule(steps, cfg=guidance > 1.0)
+        if guidance <= 1.0 and concrete(self.manifest, PLAIN_OFF) not in self.manifest.unet_graphs:
+            plan = plain_schedule(steps)
+        return plan
+
+    def default_schedule(self, guidance: float) -> str | None:
+        """What ``generate`` runs without a schedule: None (plain generation) when the bundle has the
+        plain graph, else the name of the first schedule the bundle was exported for.
+
+        Raises:
+            ScheduleError: neither exists (naming the missing graph and what to do).
+        """
+        plain = self.plan_for(guidance, 1)
+        try:
+            resolve_graphs(self.manifest, plain)
+        except ScheduleError:
+            if self.manifest.schedules:
+                return self.manifest.schedules[0]
+            raise
+        return None
+
+    def phases(self, schedule: Schedule) -> list[Phase]:
+        """The phases of one generation of ``schedule`` under a memory budget, in order."""
+        phases = [Phase("encode", (TEXT_ENCODER,))] if TEXT_ENCODER in self.manifest.graphs else []
+        phases += step_phases(self.executor(schedule).phases())
+        if VAE_DECODER in self.manifest.graphs:
+            phases.append(Phase("decode", (VAE_DECODER,)))
+        return phases
+
+    def memory_estimate(self, schedule: Schedule) -> list[PhaseEstimate]:
+        """Estimated memory of each phase of ``schedule`` (:mod:`postdiff.runtime.memory`)."""
+        return estimate(self.manifest, self.bundle, self.phases(schedule), shared=self._pool is not None)
+
+    def check_memory(self, schedule: Schedule) -> None:
+        """Under a memory budget: InputError, before any compute, if ``schedule``'s largest phase
+        cannot fit (checked once per schedule)."""
+        if self.memory_budget_mb is not None and schedule not in self._checked:
+            check_budget(self.memory_estimate(schedule), self.memory_budget_mb)
+            self._checked.add(schedule)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -109,9 +207,13 @@ class Pipeline:
 
     def encode_prompt(self, text: str) -> np.ndarray:
         """Text-encoder hidden states of ``text``: (1, L, D)."""
-        spec = self.manifest.graph(TEXT_ENCODER).input(INPUT_IDS)
-        ids = self.tokenizer.encode(text, dtype=spec.dtype)
+        ids = self.token_ids(text)
         return self.runner(TEXT_ENCODER).infer({INPUT_IDS: ids})[HIDDEN_STATES]
+
+    def token_ids(self, text: str) -> np.ndarray:
+        """The text encoder's id row of ``text`` (InputError for text the tokenizer cannot take)."""
+        check_text(text, "prompt")
+        return self.tokenizer.encode(text, dtype=self.manifest.graph(TEXT_ENCODER).input(INPUT_IDS).dtype)
 
     def initial_latents(self, seed: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Seeded standard-normal latents, reproducible across machines (numpy PCG64); full
@@ -136,27 +238,44 @@ class Pipeline:
             return to_uint8(latents)
         decoder = self.runner(VAE_DECODER)
         latents = latents.astype(decoder.spec.input(LATENTS).dtype, copy=False)
-        return to_uint8(decoder.infer({LATENTS: latents})[IMAGE].astype(np.float32, copy=False))
+        image = to_uint8(decoder.infer({LATENTS: latents})[IMAGE].astype(np.float32, copy=False))
+        if self.memory_budget_mb is not None:
+            self.release(VAE_DECODER)
+        return image
 
     def encode_pair(self, options: GenerateOptions) -> np.ndarray:
         """[negative; positive] encoder states (2, L, D); both rows carry the prompt when guidance is
         off, so that only the conditional half matters."""
         positive = self.encode_prompt(options.prompt)
         negative = self.encode_prompt(options.negative_prompt) if options.guidance > 1.0 else positive
+        if self.memory_budget_mb is not None:
+            self.release(TEXT_ENCODER)
         return np.concatenate([negative, positive])
 
     def generate(self, options: GenerateOptions, latents: np.ndarray | None = None, progress: bool = False,
-                 schedule: Schedule | None = None) -> Generation:
+                 schedule: Schedule | None = None, on_step: Callable[[], None] | None = None) -> Generation:
         """Generate one image; ``latents`` overrides the seeded initial noise.
 
-        Without ``schedule`` this is plain generation: ``options.steps`` full-resolution steps with
-        guidance (:func:`~postdiff.runtime.schedule.plain_schedule`). With one, the schedule fixes the steps and every graph
-        choice; all the graphs it needs are checked to exist before any compute.
+        Without ``schedule`` this is plain generation: ``options.steps`` full-resolution steps
+        (:meth:`plan_for`: guided, or batch 1 with guidance off). With one, the schedule fixes the
+        steps and every graph choice. All the graphs it needs are checked to exist, and under a
+        memory budget the largest phase to fit, before any compute. ``progress`` shows a bar over the
+        steps; ``on_step`` is called after each step instead (one bar over many images).
         """
         options.validate()
-        executor = self.executor(schedule if schedule is not None else plain_schedule(options.steps))
+        plan = schedule if schedule is not None else self.plan_for(options.guidance, options.steps)
+        executor = self.executor(plan)
+        self.check_memory(plan)
         shape = executor.first_latent_shape()
         latents = self.initial_latents(options.seed, shape) if latents is None else self.check_latents(latents, shape)
+        for text in (options.prompt, options.negative_prompt):  # a prompt the tokenizer refuses: before compute
+            self.token_ids(text)
         scheduler = make_scheduler(options.scheduler, self.manifest.scheduler)
-        final = executor.run(scheduler, latents, self.encode_pair(options), options.guidance, options.seed, progress)
+        context = self.encode_pair(options)
+        bar = tqdm(total=len(plan.steps), desc=plan.name, disable=not progress or on_step is not None, leave=False)
+        with bar:
+            final = executor.run(scheduler, latents, context, options.guidance, options.seed,
+                                 on_step=on_step or bar.update)
+        if "load_s" not in self.timings and executor.first_call_age_s is not None:
+            self.timings["load_s"] = executor.first_call_age_s
         return Generation(latents=final, image=self.decode(final)[0])

@@ -166,11 +166,12 @@ def _check_xattn(step: Step, cached_scale: float | None, where: str) -> float | 
     return cached_scale
 
 
-def plain_schedule(steps: int) -> Schedule:
-    """Plain generation as a schedule: ``steps`` full-resolution steps with guidance, no caching."""
+def plain_schedule(steps: int, cfg: bool = True) -> Schedule:
+    """Plain generation as a schedule: ``steps`` full-resolution steps without caching, with guidance
+    (batch 2) or, ``cfg`` False, without (batch 1, the conditional row alone)."""
     if steps <= 0:
         raise ScheduleError(f"--steps {steps} is not positive; use a step count of at least 1")
-    return Schedule(format_version=FORMAT_VERSION, name="plain", steps=(Step(),) * steps)
+    return Schedule(format_version=FORMAT_VERSION, name="plain", steps=(Step(cfg=cfg),) * steps)
 
 
 # --- Resolving a schedule into graph evaluations --------------------------------------------------
@@ -187,6 +188,7 @@ class Variant:
 
 
 PLAIN = Variant(scale=1.0, batch=2)  # plain generation's evaluation: full resolution, guidance batch, no caches
+PLAIN_OFF = Variant(scale=1.0, batch=1)  # ...and with guidance off: the conditional row alone, as diffusers runs it
 
 
 @dataclass(frozen=True)

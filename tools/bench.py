@@ -8,8 +8,9 @@ Rows, each measured in a child process of its own (so that its peak resident mem
   final latents of the two are compared, so that a speed figure never hides a wrong result;
 * ``runtime:SCHEDULE`` -- one row per ``--schedule`` (preset or schedule file).
 
-Every row does one untimed warm-up generation (sessions, allocators), then ``repeats`` timed
-ones: the median wall time of prompt encoding + denoising + decoding. Runtime rows also add up the
+Every row does one untimed warm-up generation (sessions, allocators; its cold-start figures are
+reported: ``load_s`` from the child's process start to its first UNet call, ``sessions_s`` the
+session creation), then ``repeats`` timed ones: the median wall time of prompt encoding + denoising + decoding. Runtime rows also add up the
 time spent inside graph calls; the rest of the wall time is the runtime's own overhead (numpy
 scheduler steps, guidance, resolution switches, feed checks, tokenizing, image conversion).
 Speed-ups are ratios of medians measured in this one invocation on this one machine.
@@ -33,9 +34,11 @@ from tqdm.auto import tqdm
 
 from postdiff.profiles.device import load_device_profile
 from postdiff.errors import InputError
-from postdiff.runtime.executor import ScheduleExecutor, required_graphs
+from postdiff.runtime.clock import process_age_s
+from postdiff.runtime.executor import required_graphs
 from postdiff.tools.explain import total_macs
 from postdiff.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+from postdiff.runtime.memory import check_budget, estimate
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.runners.base import Runner
 from postdiff.profiles.presets import resolve_schedule
@@ -65,6 +68,7 @@ class BenchOptions:
     diffusers: bool = True  # also time diffusers (needs torch and the model)
     device: Path | None = None  # device profile: adds each row's predicted latency
     prompt: str | None = None  # default: the first calibration prompt (SD_PROMPTS), or a label model's first label
+    memory_budget_mb: float | None = None  # runtime rows under this memory budget (Pipeline.memory_budget_mb)
 
 
 # --- child side: one row, in its own process ------------------------------------------------------------
@@ -98,6 +102,10 @@ class TimedPipeline(Pipeline):
             self._timed[name] = TimedRunner(super().runner(name), self._clock)
         return self._timed[name]
 
+    def release(self, name: str) -> None:
+        self._timed.pop(name, None)
+        super().release(name)
+
     @property
     def graph_seconds(self) -> float:
         return self._clock[0]
@@ -116,20 +124,25 @@ def rss_mb() -> float:
 
 
 def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repeats: int, weights: str, prompt: str,
-                    save: str) -> dict:
-    """Time ``repeats`` generations of ``schedule``; save the initial and final latents under ``save``."""
+                    save: str, memory_budget_mb: float | None = None) -> dict:
+    """Time ``repeats`` generations of ``schedule``; save the initial and final latents under ``save``.
+
+    The cold start comes first: ``import_s`` is this process's age when the runtime is imported and
+    ready, ``load_s`` its age at the first UNet call of the first (warm-up) generation -- interpreter
+    start, imports, manifest + stamp check, the sessions opened until then; ``sessions_s`` is the
+    session creation of the whole first generation, ``verify_s`` the manifest and stamp check.
+    """
+    import_s = process_age_s()
     plan = resolve_schedule(schedule)
     before = rss_mb()
-    pipeline = TimedPipeline(Path(bundle), verify=False, shared_weights=WEIGHT_MODES[weights])
-    executor = ScheduleExecutor(pipeline.manifest, plan, pipeline.runner)
-    for name in executor.graph_names:  # every UNet session the schedule needs, run once: weights
-        runner = pipeline.runner(name)  # resident and activation memory allocated
-        runner.infer({t.name: np.zeros(t.shape, dtype=t.dtype) for t in runner.spec.inputs})
-    sessions_mb = rss_mb() - before
+    pipeline = TimedPipeline(Path(bundle), shared_weights=WEIGHT_MODES[weights], memory_budget_mb=memory_budget_mb)
+    executor = pipeline.executor(plan)
     options = GenerateOptions(prompt=prompt, seed=seed, steps=len(plan.steps), scheduler=scheduler,
                               guidance=pipeline.manifest.model.default_guidance)
     initial = pipeline.initial_latents(seed, executor.first_latent_shape())
-    pipeline.generate(options, latents=initial, schedule=plan)  # warm-up
+    pipeline.generate(options, latents=initial, schedule=plan)  # warm-up, and the cold start
+    cold = dict(pipeline.timings)
+    sessions_mb = rss_mb() - before
     walls, graphs = [], []
     for _ in range(repeats):
         pipeline.reset_clock()
@@ -142,7 +155,8 @@ def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repea
     overheads = [(w - g) / w for w, g in zip(walls, graphs)]
     return {"wall_s": float(np.median(walls)), "graph_s": float(np.median(graphs)),
             "overhead_pct": 100 * float(np.median(overheads)), "walls_s": walls,
-            "weights": pipeline.weights_mode,
+            "import_s": import_s, "load_s": cold["load_s"], "verify_s": cold["verify_s"],
+            "sessions_s": cold["sessions_s"], "weights": pipeline.weights_mode, "memory_budget_mb": memory_budget_mb,
             "unet_graphs": len(executor.graph_names), "sessions_rss_mb": sessions_mb, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -255,9 +269,14 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="postdiff-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         bundle = prepare_bundle(options, scratch, specs, progress)
-        manifest = load_manifest(bundle, verify=True)  # the children skip the sha256 check
+        manifest = load_manifest(bundle, verify=True)  # hashes and stamps; the children check the stamp only
         for plan in plans:
             required_graphs(manifest, plan)  # ScheduleError naming the graphs the bundle lacks
+        if options.memory_budget_mb is not None:  # the floor without the child's own resident memory
+            pipeline = Pipeline(bundle, verify=False, memory_budget_mb=options.memory_budget_mb)
+            for plan in plans:
+                check_budget(estimate(manifest, bundle, pipeline.phases(plan), pipeline.weights_mode == "shared",
+                                      resident=0), options.memory_budget_mb)
         predicted = [predict_ms(profile, manifest, plan, options.scheduler) for plan in plans] if profile else None
         model = diffusers_source(options, manifest) if options.diffusers else None
         prompt = options.prompt if options.prompt is not None else default_prompt(manifest)
@@ -281,7 +300,7 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
                 row = run_child(what, {"kind": "runtime", "bundle": str(bundle), "schedule": specs[index],
                                  "scheduler": options.scheduler, "seed": options.seed,
                                  "repeats": options.repeats, "weights": options.weights, "prompt": prompt,
-                                 "save": str(save)})
+                                 "save": str(save), "memory_budget_mb": options.memory_budget_mb})
                 row["unet_gmacs"] = total_macs(plans[index], manifest) / 1e9
                 if predicted is not None:
                     row["predicted_ms"] = predicted[index]
@@ -331,7 +350,8 @@ def format_report(report: dict) -> str:
     columns = (("wall s", "wall_s", "{:.3f}"), ("graphs s", "graph_s", "{:.3f}"),
                ("overhead", "overhead_pct", "{:.2f}%"), ("vs base", "speedup_vs_baseline", "{:.2f}x"),
                ("vs diff.", "speedup_vs_diffusers", "{:.2f}x"), ("MAC pred.", "mac_predicted_speedup", "{:.2f}x"),
-               ("pred. s", "predicted_ms", "{:.3f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"))
+               ("pred. s", "predicted_ms", "{:.3f}"), ("load s", "load_s", "{:.2f}"),
+               ("sessions s", "sessions_s", "{:.2f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"))
     width = max(len(r["row"]) for r in report["rows"])
     lines = [f"{report['model']} {report['resolution']}, {report['scheduler']}, prompt {report['prompt']!r}, "
              f"median of {report['repeats']}; {report['machine']}, onnxruntime {report['onnxruntime']}",
