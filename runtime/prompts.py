@@ -59,8 +59,8 @@ def load_prompts(path: Path) -> tuple[PromptJob, ...]:
 def _json_job(line: str, where: str) -> PromptJob:
     try:
         value = json.loads(line)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise InputError(f"{where}: not a JSON object ({getattr(exc, 'msg', 'nested too deeply')}); the file is "
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, 4300-digit integers, deep nesting
+        raise InputError(f"{where}: not a JSON object ({getattr(exc, 'msg', None) or exc or 'nested too deeply'}); the file is "
                          "JSON Lines because its first line starts with '{', so every line must be one") from None
     try:
         return from_dict(PromptJob, value, where, InputError)
