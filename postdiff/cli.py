@@ -58,6 +58,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if (args.prompt is None) == (args.prompts is None):
         raise InputError("give exactly one of --prompt TEXT or --prompts FILE")
+    if args.prompts and args.negative_prompt:
+        raise InputError("--negative-prompt goes with --prompt; with --prompts, give each line's negative_prompt "
+                         "in the file (JSON Lines)")
     jobs = load_prompts(Path(args.prompts)) if args.prompts else (PromptJob(prompt=args.prompt,
                                                                            negative_prompt=args.negative_prompt),)
     schedule = resolve_schedule(args.schedule) if args.schedule else None
@@ -65,8 +68,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--steps {args.steps} contradicts schedule '{schedule.name}', which has "
                          f"{len(schedule.steps)} steps; drop --steps (the schedule fixes them)")
     steps = len(schedule.steps) if schedule else (20 if args.steps is None else args.steps)
-    base = GenerateOptions(prompt=jobs[0].prompt, seed=args.seed, steps=steps,
-                           guidance=7.5 if args.guidance is None else args.guidance, scheduler=args.scheduler)
+    base = GenerateOptions(prompt=jobs[0].prompt, seed=args.seed, steps=steps,  # checked before the bundle loads;
+                           guidance=0.0 if args.guidance is None else args.guidance,  # the default guidance is
+                           scheduler=args.scheduler)  # the bundle's
     base.validate()
     requests = batch_requests(jobs, base, args.num_images)
     paths = output_paths(Path(args.out), len(requests), args.overwrite)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from postdiff.errors import GenerationError, InputError
+from postdiff.errors import GenerationError, InputError, PostdiffError
 from postdiff.runtime.image import image_format, save_image
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.prompts import PromptJob
@@ -54,7 +54,8 @@ def generate_batch(pipeline: Pipeline, requests: Sequence[GenerateOptions], path
 
     Every request is checked first (options, prompts against the tokenizer, the schedule's graphs,
     the memory budget): bad input raises InputError/ScheduleError before any compute. A failure
-    while generating raises GenerationError naming the request; the images written before it stay.
+    while generating names the request (a PostdiffError keeps its class, anything else becomes a
+    GenerationError); the images written before it stay.
     """
     if len(requests) != len(paths):
         raise InputError(f"{len(requests)} requests but {len(paths)} output paths")
@@ -76,10 +77,13 @@ def generate_batch(pipeline: Pipeline, requests: Sequence[GenerateOptions], path
             try:
                 result = pipeline.generate(options, schedule=schedule, on_step=bar.update)
                 save_image(result.image, path)
-            except Exception as exc:  # a runtime failure (ONNX Runtime, memory, disk): name the image
+            except Exception as exc:  # name the image; a PostdiffError keeps its kind (and exit code)
+                if len(requests) == 1:
+                    raise
                 kept = f"the {len(written)} written before it are kept ({written[0]} ... {written[-1]})" if written \
                     else "none was written before it"
-                raise GenerationError(f"image {number} of {len(requests)} (prompt {options.prompt!r}, seed "
-                                      f"{options.seed}) failed: {exc}; {kept}") from exc
+                kind = type(exc) if isinstance(exc, PostdiffError) else GenerationError
+                raise kind(f"image {number} of {len(requests)} (prompt {options.prompt!r}, seed {options.seed}) "
+                           f"failed: {exc}; {kept}") from exc
             written.append(path)
     return written
