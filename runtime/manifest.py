@@ -162,8 +162,8 @@ class Manifest:
     def export_hint(self) -> str:
         """What to do about a missing graph: the schedules this bundle can run, and how to re-export."""
         names = " or ".join(f"`--schedule {name}`" for name in self.schedules)
-        ran = f"this bundle was exported to run {names}; use that, " if self.schedules else ""
-        return f"{ran}or re-export with `postdiff export {self.model.source} --schedule NAME ...` for the schedule you want"
+        export = f"re-export with `postdiff export {self.model.source} --schedule NAME ...` for the schedule you want"
+        return f"this bundle was exported to run {names}; use that, or {export}" if self.schedules else export
 
     def graph(self, name: str) -> GraphSpec:
         """The graph called ``name``; BundleError naming the available graphs otherwise."""
