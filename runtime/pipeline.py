@@ -17,7 +17,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from postdiff.errors import InputError, ScheduleError
-from postdiff.runtime.clock import process_age_s
 from postdiff.runtime.executor import ScheduleExecutor, concrete, resolve_graphs
 from postdiff.runtime.image import to_uint8
 from postdiff.runtime.manifest import Manifest, load_manifest
