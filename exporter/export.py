@@ -34,7 +34,7 @@ from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, Mode
                                        TokenizerSpec, UNetVariant, sha256_file)
 from postdiff.runtime.executor import at_latent
 from postdiff.profiles.presets import resolve_schedule
-from postdiff.runtime.schedule import PLAIN, PLAIN_EMBEDDED, Schedule, graph_variants
+from postdiff.runtime.schedule import PLAIN, PLAIN_UNGUIDED, Schedule, graph_variants
 
 UNET_WEIGHTS = "unet.weights"
 TOKENIZER_FILE = "tokenizer.json"
@@ -55,14 +55,22 @@ def check_resolution(model: LoadedModel, height: int, width: int) -> None:
 
 def unet_variants(schedules: list[Schedule], latent: tuple[int, int], multiple: int,
                   embedded_guidance: bool = False) -> list[UNetVariant]:
-    """Every UNet variant the schedules evaluate, made concrete at this bundle's latent size
-    (plain generation's when there are none: batch 1 for models that embed the guidance scale)."""
-    if not schedules:
-        return [at_latent(PLAIN_EMBEDDED if embedded_guidance else PLAIN, latent, multiple)]
+    """Every UNet variant the schedules evaluate, made concrete at this bundle's latent size.
+
+    Wherever plain generation's batch-2 graph is exported, its batch-1 twin comes with it (same
+    weights, one small graph file): plain generation with guidance off runs that, as diffusers does.
+    Models that embed the guidance scale (LCM) have no batch-2 plain graph, only the batch-1 one.
+    """
     variants: dict[UNetVariant, None] = {}
     for schedule in schedules:
         for v in graph_variants(schedule):
             variants.setdefault(at_latent(v, latent, multiple))
+    plain, unguided = at_latent(PLAIN, latent, multiple), at_latent(PLAIN_UNGUIDED, latent, multiple)
+    if not schedules and embedded_guidance:
+        variants.setdefault(unguided)
+    elif not schedules or plain in variants:
+        variants.setdefault(plain)
+        variants.setdefault(unguided)
     return list(variants)
 
 

@@ -22,9 +22,10 @@ EXIT_OK, EXIT_INTERRUPTED = 0, 130
 #: what every command's exit status means (shown in --help)
 EXIT_CODES = {
     EXIT_OK: "success",
-    EXIT_FAILURE: "a verification, parity or runtime failure (a bundle file that fails its sha256, a graph "
-                  "that does not reproduce torch, a measurement that crashed)",
-    EXIT_USAGE: "bad input or usage (a flag, file, model or schedule; also a missing optional extra)",
+    EXIT_FAILURE: "a verification, parity or runtime failure (`postdiff verify` finding a file that fails its "
+                  "sha256, a graph that does not reproduce torch, a generation or measurement that crashed)",
+    EXIT_USAGE: "bad input or usage (a flag, file, model or schedule; a broken or corrupted bundle, refused "
+                "before any compute; a missing optional extra)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); nothing half-written is left behind",
 }
 # The modules of each optional extra (pyproject.toml), for one line instead of a ModuleNotFoundError.
@@ -61,41 +62,102 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _new_file(out: Path, overwrite: bool) -> Path:
-    """``--out`` checked before any work: its folder exists, and it does not unless ``overwrite``."""
+    """``--out`` checked before any work: its folder exists, it is not a folder, and it does not
+    exist unless ``overwrite``."""
     from postdiff.files import check_new_path
 
+    if out.is_dir():
+        raise InputError(f"--out {out} is a folder; name a file to write")
     return check_new_path(out, replace=overwrite)
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    """Generate an image from a bundle, torch-free (numpy + onnxruntime)."""
+    """Generate images from a bundle, torch-free (numpy + onnxruntime): one prompt, or a prompts file,
+    and any number of seeds per prompt, all from one load."""
     import numpy as np
 
-    from postdiff.runtime.image import save_png
-    from postdiff.runtime.pipeline import GenerateOptions, Pipeline
     from postdiff.profiles.presets import resolve_schedule
+    from postdiff.runtime.batch import batch_requests, generate_batch, output_paths
+    from postdiff.runtime.pipeline import GenerateOptions, Pipeline
+    from postdiff.runtime.prompts import PromptJob, load_prompts
 
-    out = _new_file(Path(args.out), args.overwrite)
+    if (args.prompt is None) == (args.prompts is None):
+        raise InputError("give exactly one of --prompt TEXT or --prompts FILE")
+    if args.prompts and args.negative_prompt:
+        raise InputError("--negative-prompt goes with --prompt; with --prompts, give each line's negative_prompt "
+                         "in the file (JSON Lines)")
+    jobs = load_prompts(Path(args.prompts)) if args.prompts else (PromptJob(prompt=args.prompt,
+                                                                           negative_prompt=args.negative_prompt),)
     schedule = resolve_schedule(args.schedule) if args.schedule else None
     if schedule is not None and args.steps is not None and args.steps != len(schedule.steps):
         raise InputError(f"--steps {args.steps} contradicts schedule '{schedule.name}', which has "
                          f"{len(schedule.steps)} steps; drop --steps (the schedule fixes them)")
     steps = len(schedule.steps) if schedule else (20 if args.steps is None else args.steps)
-    GenerateOptions(prompt=args.prompt, steps=steps).validate()
+    base = GenerateOptions(prompt=jobs[0].prompt, seed=args.seed, steps=steps,  # checked before the bundle loads;
+                           guidance=0.0 if args.guidance is None else args.guidance,  # the default guidance is
+                           scheduler=args.scheduler)  # the bundle's
+    base.validate()
+    requests = batch_requests(jobs, base, args.num_images)
+    paths = output_paths(Path(args.out), len(requests), args.overwrite)
+    if len(requests) > 1 and (args.latents or args.save_latents):
+        raise InputError("--latents and --save-latents take one image; drop them, or --prompts/--num-images")
     latents = _load_latents(Path(args.latents)) if args.latents else None
-    pipeline = Pipeline(Path(args.bundle), provider=args.provider, precision=args.precision)
-    guidance = pipeline.manifest.model.default_guidance if args.guidance is None else args.guidance
-    options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                              steps=steps, guidance=guidance, scheduler=args.scheduler)
-    started = time.perf_counter()
-    result = pipeline.generate(options, latents=latents, progress=not args.quiet, schedule=schedule)
-    elapsed = time.perf_counter() - started
-    save_png(result.image, out)
     if args.save_latents:
-        np.save(args.save_latents, result.latents)
-    ran = ", ".join(sorted(set(pipeline.precisions.values())))
-    print(f"wrote {out} ({result.image.shape[1]}x{result.image.shape[0]}) in {elapsed:.2f} s "
-          f"({args.provider}, {ran})")
+        _new_file(Path(args.save_latents), args.overwrite)
+    pipeline = Pipeline(Path(args.bundle), provider=args.provider, verify=not args.no_verify,
+                        memory_budget_mb=args.memory_budget, precision=args.precision)
+    guidance = pipeline.manifest.model.default_guidance if args.guidance is None else args.guidance
+    requests = [GenerateOptions(prompt=r.prompt, negative_prompt=r.negative_prompt, seed=r.seed, steps=r.steps,
+                                guidance=guidance, scheduler=r.scheduler) for r in requests]
+    if schedule is None:
+        default = pipeline.default_schedule(guidance)
+        if default is not None:
+            schedule = resolve_schedule(default)
+            print(f"running schedule '{default}': the bundle has no plain-generation graph, and '{default}' is "
+                  "the first schedule it was exported for (choose with --schedule)", file=sys.stderr)
+            if args.steps is not None and args.steps != len(schedule.steps):
+                raise InputError(f"--steps {args.steps} contradicts schedule '{default}' ({len(schedule.steps)} "
+                                 "steps), the only kind this bundle can run; drop --steps")
+    started = time.perf_counter()
+    if latents is not None or args.save_latents:
+        result = pipeline.generate(requests[0], latents=latents, progress=not args.quiet, schedule=schedule)
+        from postdiff.runtime.image import save_image
+
+        save_image(result.image, paths[0])
+        if args.save_latents:
+            np.save(args.save_latents, result.latents)
+        written = paths
+    else:
+        written = generate_batch(pipeline, requests, paths, schedule=schedule, progress=not args.quiet)
+    elapsed = time.perf_counter() - started
+    ran = f"schedule '{schedule.name}'" if schedule is not None else \
+        f"plain generation ({steps} steps, {'guided' if guidance > 1 else 'guidance off, batch 1'})"
+    where = written[0] if len(written) == 1 else f"{len(written)} images {written[0]} ... {written[-1]}"
+    precisions = ", ".join(sorted(set(pipeline.precisions.values()))) or "-"
+    print(f"wrote {where} with {ran} in {elapsed:.2f} s ({len(written) / elapsed:.2f} images/s, "
+          f"{args.provider} {precisions}); "
+          f"load {pipeline.timings.get('load_s', float('nan')):.2f} s after process start "
+          f"(verify {pipeline.timings['verify_s']:.2f} s, sessions {pipeline.timings['sessions_s']:.2f} s)")
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Hash every file of a bundle against its manifest and record the result in the bundle's stamp
+    (verified.json), so that later loads re-hash only the files whose size or mtime changed."""
+    from postdiff.errors import CorruptBundleError, VerificationError
+    from postdiff.runtime.manifest import load_manifest
+    from postdiff.runtime.stamp import STAMP_NAME, verify_bundle
+
+    bundle = Path(args.bundle)
+    manifest = load_manifest(bundle, verify=False)
+    started = time.perf_counter()
+    try:
+        result = verify_bundle(bundle, manifest, use_stamp=False)
+    except CorruptBundleError as exc:  # the check this command exists for failed: exit 1, not bad usage
+        raise VerificationError(str(exc)) from None
+    stamp = f"recorded in {bundle / STAMP_NAME}" if result.stamp_written else \
+        f"not recorded: {bundle} is read-only (loads will hash again; see --no-verify)"
+    print(f"verified {result.checked} files of {bundle} in {time.perf_counter() - started:.1f} s; {stamp}")
     return EXIT_OK
 
 
@@ -149,7 +211,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         model=args.model, bundle=Path(args.bundle) if args.bundle else None,
         schedules=tuple(args.schedule or ("postdiff-sd15",)), resolution=resolution, scheduler=args.scheduler,
         seed=args.seed, repeats=args.repeats, weights=args.weights, diffusers=not args.no_diffusers,
-        device=Path(args.device) if args.device else None, prompt=args.prompt,
+        device=Path(args.device) if args.device else None, prompt=args.prompt, memory_budget_mb=args.memory_budget,
         providers=tuple(args.provider or (DEFAULT_PROVIDER,)), precisions=tuple(args.precision or (AUTO_PRECISION,)))
     report = bench(options, progress=not args.quiet)
     print(format_report(report))
@@ -167,7 +229,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
     out = _new_file(Path(args.out), args.overwrite)
     profile = profile_bundle(Path(args.bundle), provider=args.provider, repeats=args.repeats, warmup=args.warmup,
-                             progress=not args.quiet, precision=args.precision)
+                             progress=not args.quiet, precision=args.precision,
+                             memory_budget_mb=args.memory_budget)
     write_json_atomic(out, profile)
     print(format_profile(profile))
     print(f"wrote {out}")
@@ -204,6 +267,13 @@ def _add_provider_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default=AUTO_PRECISION, choices=RUNTIME_PRECISIONS,
                         help="inference precision (default auto: the graphs' own under ONNX Runtime, the CPU's "
                              "fastest under OpenVINO -- bf16 where the CPU has it); bf16 needs --provider openvino")
+
+
+def _budget_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory-budget", type=float, metavar="MB",
+                        help="open only the graphs of the current phase (text encoder, each stretch of UNet steps, "
+                             "decoder) and release the rest; refuse, before any compute, a run whose largest phase "
+                             "is estimated above MB (weights + graph inputs/outputs + what is resident already)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -246,13 +316,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help=_cmd_generate.__doc__, description=_cmd_generate.__doc__)
     gen.add_argument("bundle", help="bundle folder written by `postdiff export`")
-    gen.add_argument("--prompt", required=True, help="text prompt")
-    gen.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
-    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
+    gen.add_argument("--prompt", help="text prompt (or --prompts)")
+    gen.add_argument("--prompts", metavar="FILE",
+                     help="prompts file, UTF-8: one prompt per line, or JSON Lines with prompt, negative_prompt "
+                          "(optional) and seed (optional) per line; every image from one load")
+    gen.add_argument("--num-images", type=int, default=1, metavar="N",
+                     help="images per prompt, on consecutive seeds from --seed or the line's seed (default: 1); "
+                          "several images are written as OUT-000.png, OUT-001.png ...")
+    gen.add_argument("--negative-prompt", default="", help="negative prompt of --prompt (default: empty)")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the initial noise, >= 0 (default: 0)")
     gen.add_argument("--steps", type=int, help="denoising steps of plain generation (default: 20)")
     gen.add_argument("--schedule", metavar="SCHEDULE",
                      help="schedule file or preset to execute (e.g. postdiff-sd15); the bundle must have been "
-                          "exported with it")
+                          "exported with it (default: plain generation where the bundle has its graph, else the "
+                          "first schedule the bundle was exported for)")
     gen.add_argument("--guidance", type=float,
                      help="classifier-free guidance scale; <= 1 turns guidance off (default: the model's, "
                           "7.5 for Stable Diffusion)")
@@ -262,10 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_provider_flags(gen)
     gen.add_argument("--latents", metavar="NPY", help="initial latents (1, C, h, w) float32 instead of seeded noise")
     gen.add_argument("--save-latents", metavar="NPY", help="also save the final latents")
-    gen.add_argument("--out", required=True, help="PNG file to write")
+    gen.add_argument("--out", required=True, help="image file to write: .png, or .jpg/.jpeg (JPEG quality 95)")
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _budget_flag(gen)
+    gen.add_argument("--no-verify", action="store_true",
+                     help="skip checking the bundle's files against their sha256 (for read-only media verified "
+                          "elsewhere); by default only files changed since `postdiff verify` are hashed")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(handler=_cmd_generate)
+
+    ver = sub.add_parser("verify", help=_cmd_verify.__doc__, description=_cmd_verify.__doc__)
+    ver.add_argument("bundle", help="bundle folder written by `postdiff export`")
+    ver.set_defaults(handler=_cmd_verify)
 
     sched = sub.add_parser("schedule", help=_cmd_schedule.__doc__, description=_cmd_schedule.__doc__)
     sched.add_argument("--preset", help=f"start from a preset ({', '.join(preset_names())}); "
@@ -328,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "the CPU's fastest)")
     bench.add_argument("--no-diffusers", action="store_true", help="skip the diffusers row (no torch needed)")
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    _budget_flag(bench)
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     bench.set_defaults(handler=_cmd_bench)
 
@@ -338,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeats", type=int, default=10, help="timed calls per graph and operation (default: 10)")
     prof.add_argument("--warmup", type=int, default=2, help="untimed calls before them (default: 2)")
     prof.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _budget_flag(prof)
     prof.add_argument("--quiet", action="store_true", help="no progress bar")
     prof.set_defaults(handler=_cmd_profile)
 

@@ -50,10 +50,14 @@ class RunFailure(PostdiffError):
     exit_code = EXIT_FAILURE
 
 
-class CorruptBundleError(BundleError, VerificationError):
+class CorruptBundleError(BundleError):
     """A bundle's files do not verify: a file the manifest names is missing or has another sha256,
     or onnxruntime cannot load a graph whose hash matches."""
 
 
 class ParityError(VerificationError):
     """An exported graph does not reproduce its torch reference within tolerance."""
+
+
+class GenerationError(RunFailure):
+    """A generation failed while running (not because of its input); images written before it are kept."""

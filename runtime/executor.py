@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from postdiff.errors import ScheduleError
-from postdiff.runtime.manifest import Manifest, UNetVariant
+from postdiff.runtime.clock import process_age_s
 from postdiff.runtime.guidance import guidance_embedding
+from postdiff.runtime.manifest import Manifest, UNetVariant, describe_variant
 from postdiff.runtime.names import (CONTEXT, DEEP_FEATURE, NOISE_PRED, SAMPLE, TIMESTEP, TIMESTEP_COND,
                                    XATTN_PREFIX)
 from postdiff.runtime.resize import resize_bilinear
@@ -53,10 +53,10 @@ def resolve_graphs(manifest: Manifest, schedule: Schedule) -> dict[Variant, str]
         else:
             missing.append(wanted)
     if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ScheduleError(
-            f"schedule '{schedule.name}' needs UNet graphs this bundle lacks, first {missing[0]} "
-            f"({len(missing)} missing in all); re-export with `postdiff export MODEL --schedule "
-            f"{schedule.name} ...`"
+            f"schedule '{schedule.name}' needs the {describe_variant(missing[0])}{more}, which this bundle lacks; "
+            f"{manifest.export_hint()}"
         )
     return found
 
@@ -87,7 +87,14 @@ class _Graph:
 class ScheduleExecutor:
     """Runs one schedule with a given scheduler over a bundle's UNet graphs."""
 
-    def __init__(self, manifest: Manifest, schedule: Schedule, runner: Callable[[str], Runner]) -> None:
+    def __init__(self, manifest: Manifest, schedule: Schedule, runner: Callable[[str], Runner],
+                 release: Callable[[str], None] | None = None) -> None:
+        """Args:
+            runner: the runner of a graph by name (opened on first use).
+            release: when given, called with each graph's name right after its last use in a run
+                (memory budgets: the low-resolution graphs after the switch, the guided ones after
+                the gate); the graph is then opened again by the next run.
+        """
         self.manifest = manifest
         self.schedule = schedule
         if manifest.model.guidance_embedding and any(step.cfg for step in schedule.steps):
@@ -101,10 +108,35 @@ class ScheduleExecutor:
         self._graph_of = resolve_graphs(manifest, schedule)  # ScheduleError before any compute
         self.graph_names = list(dict.fromkeys(self._graph_of.values()))
         self._runner = runner
+        self._release = release
         self._graphs: dict[Variant, _Graph] = {}
         self._feature: np.ndarray | None = None
         self._xattn: dict[str, np.ndarray] = {}
         self._contexts: dict[tuple[int, np.dtype], np.ndarray] = {}
+        self.first_call_age_s: float | None = None  # process age at this executor's first UNet call
+
+    def phases(self) -> list[list[str]]:
+        """The graphs open at each step when every graph is released after its last use: per step
+        the names whose first use is at or before it and whose last use is at or after it."""
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for index, plan in enumerate(self._plans):
+            for variant in filter(None, (plan.switch_from, plan.variant)):
+                name = self._graph_of[variant]
+                first.setdefault(name, index)
+                last[name] = index
+        return [[n for n in self.graph_names if first[n] <= i <= last[n]] for i in range(len(self._plans))]
+
+    def _last_uses(self) -> dict[int, list[str]]:
+        """Step index -> the graphs used for the last time at that step."""
+        last: dict[str, int] = {}
+        for index, plan in enumerate(self._plans):
+            for variant in filter(None, (plan.switch_from, plan.variant)):
+                last[self._graph_of[variant]] = index
+        by_step: dict[int, list[str]] = {}
+        for name, index in last.items():
+            by_step.setdefault(index, []).append(name)
+        return by_step
 
     def first_latent_shape(self) -> tuple[int, ...]:
         """Shape of the initial noise: the first step's latent size."""
@@ -112,7 +144,7 @@ class ScheduleExecutor:
         return (1, self.manifest.model.latent_channels, h, w)
 
     def run(self, scheduler: Scheduler, latents: np.ndarray, context: np.ndarray, guidance: float, seed: int,
-            progress: bool = False) -> np.ndarray:
+            on_step: Callable[[], None] | None = None) -> np.ndarray:
         """Denoise ``latents`` (initial noise at the first step's size, unscaled) and return the
         final full-resolution latents.
 
@@ -122,6 +154,7 @@ class ScheduleExecutor:
             guidance: classifier-free guidance scale for the steps with ``cfg`` on (<= 1: off, the
                 conditional prediction alone).
             seed: seeds the re-noising at resolution switches.
+            on_step: called after every step (progress bars).
 
         Raises:
             ScheduleError: the scheduler's configuration yields another number of timesteps than
@@ -139,14 +172,23 @@ class ScheduleExecutor:
         self._feature, self._xattn, self._contexts = None, {}, {}
         dim = self.manifest.model.guidance_embedding
         self._cond = guidance_embedding(guidance, dim) if dim else None
+        releases = self._last_uses() if self._release is not None else {}
         x = latents * np.float32(scheduler.init_noise_sigma)
-        for plan, t in tqdm(list(zip(self._plans, timesteps)), desc=self.schedule.name, disable=not progress,
-                            leave=False):
+        for plan, t in zip(self._plans, timesteps):
             if plan.switch_from is not None:
                 x = self._switch(plan, scheduler, x, t, context, guidance, seed)
             noise = self._evaluate(plan.variant, scheduler, x, t, context, guidance)
             x = scheduler.step(noise, t, x)
+            for name in releases.get(plan.index, ()):
+                self._close(name)
+            if on_step is not None:
+                on_step()
         return x
+
+    def _close(self, name: str) -> None:
+        """Forget graph ``name``'s feed description and hand it to ``release``."""
+        self._graphs = {v: g for v, g in self._graphs.items() if self._graph_of[v] != name}
+        self._release(name)
 
     def _switch(self, plan: StepPlan, scheduler: Scheduler, x: np.ndarray, t: np.generic, context: np.ndarray,
                 guidance: float, seed: int) -> np.ndarray:
@@ -192,6 +234,8 @@ class ScheduleExecutor:
             feed[DEEP_FEATURE] = self._feature
         if variant.xattn == "read":
             feed.update({name: self._xattn[name] for name in graph.xattn_inputs})
+        if self.first_call_age_s is None:
+            self.first_call_age_s = process_age_s()
         outputs = graph.runner.infer(feed)
         if variant.deep == "write":
             self._feature = outputs[DEEP_FEATURE]

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from postdiff.errors import InputError
 from postdiff.files import atomic_path
 
 
@@ -20,9 +21,25 @@ def to_uint8(decoded: np.ndarray) -> np.ndarray:
     return np.round(unit.transpose(0, 2, 3, 1) * 255).astype(np.uint8)
 
 
-def save_png(pixels: np.ndarray, path: Path) -> None:
-    """Write one (H, W, C) uint8 image as PNG, atomically (a temp file renamed into place)."""
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # file suffix -> Pillow format
+
+
+def image_format(path: Path) -> str:
+    """The Pillow format ``path``'s suffix asks for; InputError for any other suffix."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise InputError(f"cannot write {path}: '{suffix or 'no suffix'}' is not an image format postdiff writes; "
+                         f"end the name in {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
+
+
+def save_image(pixels: np.ndarray, path: Path) -> None:
+    """Write one (H, W, C) uint8 image as PNG or JPEG (quality 95) by ``path``'s suffix, atomically."""
+    path = Path(path)
+    fmt = image_format(path)
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a folder; name an image file")
     channels = pixels.shape[-1]
     image = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        image.save(tmp, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))

@@ -81,7 +81,10 @@ def _convert(tp: Any, value: Any, where: str, error: type[PostdiffError]) -> Any
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise error(f"{where}: {value} is too large for a number") from None
     if isinstance(tp, type) and not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise error(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
     return value
@@ -118,6 +121,8 @@ def read_json(path: Path, error: type[PostdiffError] = InputError) -> Any:
         raise error(f"{path}: cannot be read ({exc})") from None
     except json.JSONDecodeError as exc:
         raise error(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of over 4300 digits, nesting too deep
+        raise error(f"{path}: not valid JSON ({str(exc) or 'nested too deeply'})") from None
 
 
 def load_versioned(cls: type[T], path: Path, version: int, error: type[PostdiffError], fix: str) -> T:

@@ -13,8 +13,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from postdiff.errors import BundleError, CorruptBundleError
+from postdiff.errors import BundleError
 from postdiff.runtime.jsonio import dumps, load_versioned
+from postdiff.runtime.names import unet_graph_name
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -157,14 +158,17 @@ class Manifest:
         return index
 
     def unet_graph(self, variant: UNetVariant) -> str:
-        """Name of the UNet graph computing ``variant``; BundleError naming what exists otherwise."""
+        """Name of the UNet graph computing ``variant``; BundleError naming it in words otherwise."""
         if variant in self.unet_graphs:
             return self.unet_graphs[variant]
-        have = sorted(self.unet_graphs.values())
-        raise BundleError(
-            f"the bundle has no UNet graph for {variant} (it has {have}); re-export the model with "
-            "`postdiff export ... --schedule` for the schedule you want to run"
-        )
+        raise BundleError(f"the bundle has no {describe_variant(variant)} (it has "
+                          f"{', '.join(sorted(self.unet_graphs.values()))}); {self.export_hint()}")
+
+    def export_hint(self) -> str:
+        """What to do about a missing graph: the schedules this bundle can run, and how to re-export."""
+        names = " or ".join(f"`--schedule {name}`" for name in self.schedules)
+        export = f"re-export with `postdiff export {self.model.source} --schedule NAME ...` for the schedule you want"
+        return f"this bundle was exported to run {names}; use that, or {export}" if self.schedules else export
 
     def graph(self, name: str) -> GraphSpec:
         """The graph called ``name``; BundleError naming the available graphs otherwise."""
@@ -174,6 +178,20 @@ class Manifest:
                 "re-export the model with the options that produce it"
             )
         return self.graphs[name]
+
+
+def describe_variant(variant: UNetVariant) -> str:
+    """A UNet variant in words, with its graph file, e.g. "batch-2 (guided) UNet graph at latent 32x32,
+    DeepCache branch 1 write (unet-32x32-b2-deep1-write.onnx)"."""
+    guided = "guided" if variant.batch == 2 else "guidance off"
+    roles = []
+    if variant.deep != "none":
+        roles.append(f"DeepCache branch {variant.branch} {variant.deep}")
+    if variant.xattn != "none":
+        roles.append(f"cross-attention {variant.xattn}")
+    file = unet_graph_name(variant.latent, variant.batch, variant.deep, variant.branch, variant.xattn)
+    return (f"batch-{variant.batch} ({guided}) UNet graph at latent {variant.latent[0]}x{variant.latent[1]}"
+            f"{', ' + ', '.join(roles) if roles else ''} ({file}.onnx)")
 
 
 def sha256_file(path: Path) -> str:
@@ -195,7 +213,8 @@ def load_manifest(bundle: Path, verify: bool = True) -> Manifest:
 
     Args:
         bundle: the bundle folder.
-        verify: also check that every file exists and matches its recorded sha256.
+        verify: also check that every file exists and matches its recorded sha256, hashing only
+            the files the bundle's stamp does not vouch for (:mod:`postdiff.runtime.stamp`).
 
     Raises:
         BundleError: missing folder or manifest, unknown format version, malformed manifest,
@@ -213,7 +232,9 @@ def load_manifest(bundle: Path, verify: bool = True) -> Manifest:
     manifest = load_versioned(Manifest, path, FORMAT_VERSION, BundleError,
                               "re-export the bundle with this postdiff or upgrade postdiff")
     if verify:
-        verify_files(bundle, manifest)
+        from postdiff.runtime.stamp import verify_bundle  # stamp builds on this module
+
+        verify_bundle(bundle, manifest)
     return manifest
 
 
@@ -224,17 +245,3 @@ def bundle_files(manifest: Manifest) -> dict[str, str]:
         files[manifest.tokenizer.file] = manifest.tokenizer.sha256
     files[manifest.weights.file] = manifest.weights.sha256
     return files
-
-
-def verify_files(bundle: Path, manifest: Manifest) -> None:
-    """Check that each file named by the manifest exists and has the recorded sha256."""
-    for name, expected in sorted(bundle_files(manifest).items()):
-        path = Path(bundle) / name
-        if not path.is_file():
-            raise CorruptBundleError(f"{path} is missing from the bundle; re-export the bundle")
-        actual = sha256_file(path)
-        if actual != expected:
-            raise CorruptBundleError(
-                f"{path} is corrupted: sha256 {actual[:12]}… but the manifest records "
-                f"{expected[:12]}…; re-export the bundle or restore the file"
-            )

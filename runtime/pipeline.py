@@ -8,20 +8,25 @@ rounding. Shapes and dtypes come from the manifest; roles and tensor names from 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from postdiff.errors import InputError
-from postdiff.runtime.executor import ScheduleExecutor
+from postdiff.errors import InputError, ScheduleError
+from postdiff.runtime.executor import ScheduleExecutor, concrete, resolve_graphs
 from postdiff.runtime.image import to_uint8
 from postdiff.runtime.manifest import Manifest, load_manifest
+from postdiff.runtime.memory import Phase, PhaseEstimate, check_budget, estimate, step_phases
 from postdiff.runtime.names import HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, VAE_DECODER
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.providers import AUTO_PRECISION, get_provider
-from postdiff.runtime.schedule import Schedule, plain_schedule
+from postdiff.runtime.schedule import PLAIN_UNGUIDED, Schedule, plain_schedule
 from postdiff.runtime.schedulers import Scheduler, default_scheduler, make_scheduler
+from postdiff.runtime.stamp import verify_bundle
 from postdiff.runtime.tokenizer import PromptTokenizer
 
 
@@ -42,6 +47,22 @@ class GenerateOptions:
             raise InputError(f"--steps {self.steps} is not positive; use a step count of at least 1")
         if not np.isfinite(self.guidance):
             raise InputError(f"--guidance {self.guidance} is not a finite number")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise InputError(f"seed {self.seed!r} is not a whole number >= 0; use e.g. --seed 0")
+        check_text(self.prompt, "prompt")
+        check_text(self.negative_prompt, "negative prompt")
+
+
+def check_text(text: str, what: str) -> None:
+    """InputError unless ``text`` is a string of valid Unicode (no lone surrogates, which a shell
+    passes for bytes that are not UTF-8)."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} {text!r} is not text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what} {text!r} is not valid Unicode (character {exc.start} is a lone surrogate: "
+                         "bytes that are not UTF-8); pass the prompt as UTF-8 text") from None
 
 
 @dataclass(frozen=True)
@@ -53,24 +74,35 @@ class Generation:
 
 
 class Pipeline:
-    """Loads a bundle's graphs once and generates images from prompts."""
+    """Loads a bundle once and generates images from prompts: the runtime's Python API.
+
+    Sessions open on first use and, without a memory budget, stay open for the next image. With
+    ``memory_budget_mb`` only the graphs of the current phase are open (see
+    :mod:`postdiff.runtime.memory`) and a generation whose largest phase cannot fit is refused before
+    any compute. ``timings`` records the cold-start figures: ``verify_s`` (manifest + stamp check),
+    ``sessions_s`` (session creation, summed), ``load_s`` (process start to the first UNet call).
+    """
 
     def __init__(self, bundle: Path, provider: str = "cpu", verify: bool = True,
-                 shared_weights: bool | None = None, threads: int | None = None, precision: str = AUTO_PRECISION) -> None:
+                 shared_weights: bool | None = None, threads: int | None = None,
+                 memory_budget_mb: float | None = None, precision: str = AUTO_PRECISION) -> None:
         """Load a bundle.
 
         Args:
             provider: a name from :mod:`~postdiff.runtime.runners.providers` (InputError otherwise).
-            verify: check every file's sha256 first.
+            verify: check every file against its sha256, hashing only what the bundle's stamp does
+                not vouch for (:mod:`postdiff.runtime.stamp`); False skips the check.
             shared_weights: give all UNet sessions one in-memory copy of the weights (default: when
                 the bundle has more than one UNet graph). ONNX Runtime: one set of shared initializers;
                 OpenVINO: all UNet graphs compiled as one model (:mod:`.runners.openvino_set`).
             threads: intra-op threads per session (default: the backend's choice).
+            memory_budget_mb: open only the current phase's graphs and refuse a generation whose
+                largest phase is estimated above this many MB.
             precision: inference precision: ``auto`` (the graphs' own under ONNX Runtime; the CPU's
                 fastest under OpenVINO), ``fp32``, or ``bf16`` (OpenVINO, where the CPU has it).
         """
+        started = time.perf_counter()
         self.bundle = Path(bundle)
-        self.provider = provider
         self.backend = get_provider(provider).backend
         self.precision = precision
         if self.backend == "openvino":
@@ -80,8 +112,12 @@ class Pipeline:
         elif precision not in (AUTO_PRECISION, "fp32"):
             raise InputError(f"--precision {precision} needs --provider openvino; ONNX Runtime runs the graphs at "
                              "the precision they were exported with (postdiff export --precision)")
-        self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
+        self.manifest: Manifest = load_manifest(self.bundle, verify=False)
+        if verify:
+            verify_bundle(self.bundle, self.manifest)
+        self.provider = provider
         self.tokenizer = PromptTokenizer(self.manifest.tokenizer, self.bundle)
+        self.timings: dict[str, float] = {"verify_s": time.perf_counter() - started, "sessions_s": 0.0}
         unets = sum(1 for g in self.manifest.graphs.values() if g.variant is not None)
         share = unets > 1 if shared_weights is None else shared_weights
         self._share = share
@@ -93,12 +129,17 @@ class Pipeline:
             self._pool = WeightPool(self.bundle, self.manifest)
         self._runners: dict[str, Runner] = {}
         self._executors: dict[Schedule, ScheduleExecutor] = {}
+        self._checked: set[Schedule] = set()
         self._threads = threads
+        if memory_budget_mb is not None and not memory_budget_mb > 0:
+            raise InputError(f"--memory-budget {memory_budget_mb} is not a positive number of MB")
+        self.memory_budget_mb = memory_budget_mb
 
     def runner(self, name: str) -> Runner:
-        """The runner of graph ``name``, created on first use."""
+        """The runner of graph ``name``, opened on first use (or again after a release)."""
         if name not in self._runners:
             spec = self.manifest.graph(name)
+            started = time.perf_counter()
             if self.backend == "openvino" and self._share and spec.variant is not None:
                 self._runners[name] = self._openvino_variants().runner(name)
             elif self.backend == "openvino":
@@ -109,7 +150,9 @@ class Pipeline:
                 from postdiff.runtime.runners.ort import OrtRunner
 
                 shared = self._pool.initializers(spec) if self._pool is not None else None
-                self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads)
+                self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads,
+                                                prepack=name != TEXT_ENCODER, arena=self.memory_budget_mb is None)
+            self.timings["sessions_s"] += time.perf_counter() - started
         return self._runners[name]
 
     def _openvino_variants(self):  # -> OpenVinoVariantSet
@@ -126,6 +169,16 @@ class Pipeline:
         """The precision each opened graph runs at, by graph name (as its backend reports it)."""
         return {name: runner.precision for name, runner in sorted(self._runners.items())}
 
+    def release(self, name: str) -> None:
+        """Close graph ``name``'s session and drop the shared weights no open graph holds."""
+        if self._runners.pop(name, None) is not None and self._pool is not None:
+            self._pool.release(self.manifest.graph(name))
+
+    @property
+    def open_graphs(self) -> list[str]:
+        """Names of the graphs with an open session."""
+        return sorted(self._runners)
+
     @property
     def weights_mode(self) -> str:
         """How the UNet sessions hold their weights: "shared" (one in-memory copy) or "per-session"."""
@@ -135,13 +188,75 @@ class Pipeline:
         """The executor of ``schedule`` on this bundle, made once per schedule (ScheduleError if the
         bundle lacks its graphs)."""
         if schedule not in self._executors:
-            self._executors[schedule] = ScheduleExecutor(self.manifest, schedule, self.runner)
+            release = self.release if self.memory_budget_mb is not None else None
+            self._executors[schedule] = ScheduleExecutor(self.manifest, schedule, self.runner, release)
         return self._executors[schedule]
 
     def load_all(self) -> None:
         """Open a session for every graph now (benchmarks exclude this from their timings)."""
         for name in sorted(self.manifest.graphs):
             self.runner(name)
+
+    def _plain_cfg(self, guidance: float) -> bool:
+        """Whether plain generation runs the guided batch-2 graph: not for models that embed the
+        guidance scale (LCM), nor with guidance off (<= 1), which runs batch 1 as diffusers does --
+        where the bundle has that graph (older bundles: batch 2, half unused)."""
+        if self.manifest.model.guidance_embedding:
+            return False
+        return guidance > 1.0 or concrete(self.manifest, PLAIN_UNGUIDED) not in self.manifest.unet_graphs
+
+    def plan_for(self, options: GenerateOptions) -> Schedule:
+        """Plain generation's schedule for ``options``: as diffusers' pipeline, ``options.steps``
+        inference steps of the sampler and one model call per timestep they give (PNDM: one more)."""
+        probe = self.scheduler(options)
+        probe.set_timesteps(options.steps)
+        return plain_schedule(len(probe.timesteps), cfg=self._plain_cfg(options.guidance))
+
+    def default_schedule(self, guidance: float) -> str | None:
+        """What ``generate`` runs without a schedule: None (plain generation) when the bundle has the
+        plain graph, else the name of the first schedule the bundle was exported for.
+
+        Raises:
+            ScheduleError: neither exists (naming the missing graph and what to do).
+        """
+        plain = plain_schedule(1, cfg=self._plain_cfg(guidance))
+        try:
+            resolve_graphs(self.manifest, plain)
+        except ScheduleError:
+            if self.manifest.schedules:
+                return self.manifest.schedules[0]
+            raise
+        return None
+
+    def phases(self, schedule: Schedule) -> list[Phase]:
+        """The phases of one generation of ``schedule`` under a memory budget, in order."""
+        phases = [Phase("encode", (TEXT_ENCODER,))] if TEXT_ENCODER in self.manifest.graphs else []
+        phases += step_phases(self.executor(schedule).phases())
+        if VAE_DECODER in self.manifest.graphs:
+            phases.append(Phase("decode", (VAE_DECODER,)))
+        return phases
+
+    def memory_estimate(self, schedule: Schedule) -> list[PhaseEstimate]:
+        """Estimated memory of each phase of ``schedule`` (:mod:`postdiff.runtime.memory`)."""
+        return estimate(self.manifest, self.bundle, self.phases(schedule), shared=self._pool is not None)
+
+    def check_memory(self, schedule: Schedule) -> None:
+        """Under a memory budget: InputError, before any compute, if ``schedule``'s largest phase
+        cannot fit (checked once per schedule)."""
+        if self.memory_budget_mb is not None and schedule not in self._checked:
+            check_budget(self.memory_estimate(schedule), self.memory_budget_mb)
+            self._checked.add(schedule)
+
+    @property
+    def default_scheduler(self) -> str:
+        """The sampler the bundle's model ships (InputError listing the supported ones if unported)."""
+        return default_scheduler(self.manifest.scheduler_class)
+
+    def scheduler(self, options: GenerateOptions) -> Scheduler:
+        """A fresh ``options.scheduler`` (default: the shipped one) from the manifest's config,
+        seeded by ``options.seed`` (the stochastic samplers' noise)."""
+        name = options.scheduler if options.scheduler is not None else self.default_scheduler
+        return make_scheduler(name, self.manifest.scheduler, seed=options.seed)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -150,9 +265,13 @@ class Pipeline:
 
     def encode_prompt(self, text: str) -> np.ndarray:
         """Text-encoder hidden states of ``text``: (1, L, D)."""
-        spec = self.manifest.graph(TEXT_ENCODER).input(INPUT_IDS)
-        ids = self.tokenizer.encode(text, dtype=spec.dtype)
+        ids = self.token_ids(text)
         return self.runner(TEXT_ENCODER).infer({INPUT_IDS: ids})[HIDDEN_STATES]
+
+    def token_ids(self, text: str) -> np.ndarray:
+        """The text encoder's id row of ``text`` (InputError for text the tokenizer cannot take)."""
+        check_text(text, "prompt")
+        return self.tokenizer.encode(text, dtype=self.manifest.graph(TEXT_ENCODER).input(INPUT_IDS).dtype)
 
     def initial_latents(self, seed: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Seeded standard-normal latents, reproducible across machines (numpy PCG64); full
@@ -177,42 +296,44 @@ class Pipeline:
             return to_uint8(latents)
         decoder = self.runner(VAE_DECODER)
         latents = latents.astype(decoder.spec.input(LATENTS).dtype, copy=False)
-        return to_uint8(decoder.infer({LATENTS: latents})[IMAGE].astype(np.float32, copy=False))
+        image = to_uint8(decoder.infer({LATENTS: latents})[IMAGE].astype(np.float32, copy=False))
+        if self.memory_budget_mb is not None:
+            self.release(VAE_DECODER)
+        return image
 
     def encode_pair(self, options: GenerateOptions) -> np.ndarray:
         """[negative; positive] encoder states (2, L, D); both rows carry the prompt when guidance is
         off, so that only the conditional half matters."""
         positive = self.encode_prompt(options.prompt)
         negative = self.encode_prompt(options.negative_prompt) if options.guidance > 1.0 else positive
+        if self.memory_budget_mb is not None:
+            self.release(TEXT_ENCODER)
         return np.concatenate([negative, positive])
 
-    @property
-    def default_scheduler(self) -> str:
-        """The sampler the bundle's model ships (InputError listing the supported ones if unported)."""
-        return default_scheduler(self.manifest.scheduler_class)
-
-    def scheduler(self, options: GenerateOptions) -> Scheduler:
-        """A fresh ``options.scheduler`` (default: the shipped one) from the manifest's config,
-        seeded by ``options.seed`` (the stochastic samplers' noise)."""
-        name = options.scheduler if options.scheduler is not None else self.default_scheduler
-        return make_scheduler(name, self.manifest.scheduler, seed=options.seed)
-
     def generate(self, options: GenerateOptions, latents: np.ndarray | None = None, progress: bool = False,
-                 schedule: Schedule | None = None) -> Generation:
+                 schedule: Schedule | None = None, on_step: Callable[[], None] | None = None) -> Generation:
         """Generate one image; ``latents`` overrides the seeded initial noise.
 
-        Without ``schedule`` this is plain generation: ``options.steps`` full-resolution steps with
-        guidance (:func:`~postdiff.runtime.schedule.plain_schedule`). With one, the schedule fixes the steps and every graph
-        choice; all the graphs it needs are checked to exist before any compute.
+        Without ``schedule`` this is plain generation (:meth:`plan_for`: full resolution, guided, or
+        batch 1 with guidance off or embedded). With one, the schedule fixes the
+        steps and every graph choice. All the graphs it needs are checked to exist, and under a
+        memory budget the largest phase to fit, before any compute. ``progress`` shows a bar over the
+        steps; ``on_step`` is called after each step instead (one bar over many images).
         """
         options.validate()
-        scheduler = self.scheduler(options)
-        if schedule is None:
-            # As diffusers' pipeline: ``steps`` inference steps, one model call per timestep they give.
-            scheduler.set_timesteps(options.steps)
-            schedule = plain_schedule(len(scheduler.timesteps), cfg=not self.manifest.model.guidance_embedding)
-        executor = self.executor(schedule)
+        plan = schedule if schedule is not None else self.plan_for(options)
+        executor = self.executor(plan)
+        self.check_memory(plan)
         shape = executor.first_latent_shape()
         latents = self.initial_latents(options.seed, shape) if latents is None else self.check_latents(latents, shape)
-        final = executor.run(scheduler, latents, self.encode_pair(options), options.guidance, options.seed, progress)
+        for text in (options.prompt, options.negative_prompt):  # a prompt the tokenizer refuses: before compute
+            self.token_ids(text)
+        scheduler = self.scheduler(options)
+        context = self.encode_pair(options)
+        bar = tqdm(total=len(plan.steps), desc=plan.name, disable=not progress or on_step is not None, leave=False)
+        with bar:
+            final = executor.run(scheduler, latents, context, options.guidance, options.seed,
+                                 on_step=on_step or bar.update)
+        if "load_s" not in self.timings and executor.first_call_age_s is not None:
+            self.timings["load_s"] = executor.first_call_age_s
         return Generation(latents=final, image=self.decode(final)[0])

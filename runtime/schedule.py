@@ -167,8 +167,9 @@ def _check_xattn(step: Step, cached_scale: float | None, where: str) -> float | 
 
 
 def plain_schedule(steps: int, cfg: bool = True) -> Schedule:
-    """Plain generation as a schedule: ``steps`` full-resolution steps, no caching, with
-    classifier-free guidance unless ``cfg`` is False (models that take guidance as an embedding)."""
+    """Plain generation as a schedule: ``steps`` full-resolution steps without caching, with guidance
+    (batch 2) or, ``cfg`` False, without (batch 1, the conditional row alone: guidance off, or a model
+    that takes the guidance scale as an embedding)."""
     if steps <= 0:
         raise ScheduleError(f"--steps {steps} is not positive; use a step count of at least 1")
     return Schedule(format_version=FORMAT_VERSION, name="plain", steps=(Step(cfg=cfg),) * steps)
@@ -188,7 +189,7 @@ class Variant:
 
 
 PLAIN = Variant(scale=1.0, batch=2)  # plain generation's evaluation: full resolution, guidance batch, no caches
-PLAIN_EMBEDDED = Variant(scale=1.0, batch=1)  # the same for models taking guidance as an embedding (LCM)
+PLAIN_UNGUIDED = Variant(scale=1.0, batch=1)  # ...without guidance (off, or embedded as in LCM): one row
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ def test_rows_compare_diffusers_baseline_and_schedule(report: dict) -> None:
         assert len(row["walls_s"]) == 2
         assert 0 < row["graph_s"] <= row["wall_s"]
         assert 0 <= row["overhead_pct"] < 100
+        # cold start: interpreter + imports < first UNet call, which comes after the stamp check
+        assert 0 < row["import_s"] < row["load_s"] and row["verify_s"] < row["load_s"] and row["sessions_s"] > 0
         assert row["speedup_vs_diffusers"] == pytest.approx(theirs["wall_s"] / row["wall_s"], rel=1e-2)
     # peak memory is each child's own: the torch row is heavier than the torch-free ones, and none
     # inherits this (torch-laden) test process's size
@@ -78,3 +80,13 @@ def test_bundle_problems_are_named(tiny_bundle: Path, tmp_path: Path) -> None:
     (tmp_path / "junk").mkdir()
     with pytest.raises(InputError, match="not a bundle"):
         bench(BenchOptions(bundle=tmp_path / "junk"), progress=False)
+
+
+def test_memory_budget_rows_and_a_budget_too_small(tiny_postdiff_bundle: Path) -> None:
+    with pytest.raises(InputError, match="--memory-budget 1 MB cannot fit"):  # before any row runs
+        bench(BenchOptions(bundle=tiny_postdiff_bundle, schedules=(), diffusers=False, memory_budget_mb=1),
+              progress=False)
+    report = bench(BenchOptions(bundle=tiny_postdiff_bundle, schedules=("postdiff-sd15",), diffusers=False,
+                                repeats=1, memory_budget_mb=2048), progress=False)
+    assert {r["memory_budget_mb"] for r in report["rows"]} == {2048}
+    assert all(r["peak_rss_mb"] > 0 and r["load_s"] > 0 for r in report["rows"])

@@ -17,7 +17,9 @@ from postdiff.runtime.manifest import load_manifest, sha256_file
 
 def test_manifest_describes_every_graph(tiny_bundle: Path) -> None:
     manifest = load_manifest(tiny_bundle)
-    assert set(manifest.graphs) == {names.TEXT_ENCODER, "unet-16x16-b2", names.VAE_DECODER}
+    # plain generation's graph, and its batch-1 twin for guidance off
+    assert set(manifest.graphs) == {names.TEXT_ENCODER, "unet-16x16-b2", "unet-16x16-b1", names.VAE_DECODER}
+    assert manifest.graph("unet-16x16-b1").input(names.SAMPLE).shape == (1, 4, 16, 16)
     unet = manifest.graph("unet-16x16-b2")
     assert unet.role == names.UNET and unet.variant.latent == (16, 16) and unet.variant.batch == 2
     assert [t.name for t in unet.inputs] == [names.SAMPLE, names.TIMESTEP, names.CONTEXT]
@@ -37,9 +39,9 @@ def test_unet_weights_live_in_one_shared_file(tiny_bundle: Path) -> None:
     unet_onnx = (tiny_bundle / "unet-16x16-b2.onnx").stat().st_size
     weights = (tiny_bundle / "unet.weights").stat().st_size
     assert weights > 10 * unet_onnx  # the graph holds structure, the weights file the parameters
-    files = sorted(p.name for p in tiny_bundle.iterdir())
-    assert files == ["manifest.json", "text_encoder.onnx", "tokenizer.json", "unet-16x16-b2.onnx",
-                     "unet.weights", "vae_decoder.onnx"]
+    files = sorted(p.name for p in tiny_bundle.iterdir() if p.name != "verified.json")  # loads add the stamp
+    assert files == ["manifest.json", "text_encoder.onnx", "tokenizer.json", "unet-16x16-b1.onnx",
+                     "unet-16x16-b2.onnx", "unet.weights", "vae_decoder.onnx"]
 
 
 def test_export_is_deterministic(tiny_bundle: Path, tmp_path: Path) -> None:

@@ -110,13 +110,18 @@ def test_v_prediction_model_matches_diffusers(tiny_bundle: Path, tiny_model, tmp
     assert diff <= latent_tolerance(theirs)
 
 
-def test_guidance_off_uses_the_conditional_prediction(tiny_bundle: Path, tiny_model) -> None:
+@pytest.mark.parametrize("guidance", [1.0, 0.5])
+def test_guidance_off_runs_batch_1_like_diffusers(tiny_bundle: Path, tiny_model, guidance: float) -> None:
+    """diffusers skips classifier-free guidance for guidance_scale <= 1 (one batch-1 UNet call per step);
+    so does the runtime, on the batch-1 graph the export adds beside the batch-2 one."""
     pipeline = Pipeline(tiny_bundle)
-    options = GenerateOptions(prompt="a red cube", seed=1, steps=6, guidance=1.0, scheduler="ddim")
+    options = GenerateOptions(prompt="a red cube", seed=1, steps=6, guidance=guidance, scheduler="ddim")
     latents = pipeline.initial_latents(options.seed)
     ours = pipeline.generate(options, latents=latents)
-    theirs, _ = diffusers_generation(tiny_model, "ddim", options, latents, 32, 32)
+    assert "unet-16x16-b1" in pipeline.open_graphs and "unet-16x16-b2" not in pipeline.open_graphs
+    theirs, theirs_image = diffusers_generation(tiny_model, "ddim", options, latents, 32, 32)
     assert float(np.max(np.abs(ours.latents - theirs))) <= 1e-4
+    assert int(np.max(np.abs(ours.image.astype(int) - theirs_image.astype(int)))) <= 1
 
 
 def test_seeded_noise_is_reproducible(tiny_bundle: Path) -> None:

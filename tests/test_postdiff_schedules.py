@@ -122,5 +122,6 @@ def test_shallow_steps_cost_fewer_macs(tiny_postdiff_bundle: Path) -> None:
 
 def test_schedule_needing_missing_graphs_fails_before_compute(tiny_bundle: Path) -> None:
     pipeline = Pipeline(tiny_bundle)
-    with pytest.raises(ScheduleError, match="needs UNet graphs this bundle lacks"):
+    with pytest.raises(ScheduleError, match=r"needs the .* \(unet-8x8-b2-deep1-write.onnx\) and \d+ more, which this "
+                                            "bundle lacks; re-export with `postdiff export random:tiny-sd --schedule"):
         pipeline.generate(GenerateOptions(prompt="x"), schedule=resolve_schedule("postdiff-sd15"))

@@ -179,3 +179,10 @@ def test_committed_example_profiles_load() -> None:
         assert device.bundle.source and device.bundle.manifest_sha256
         # no machine's absolute paths: no JSON string starts with a slash (or a Windows drive)
         assert not re.search(r'"(/|[A-Za-z]:\\)', path.read_text()), path
+
+
+def test_profile_under_a_memory_budget(tiny_bundle: Path) -> None:
+    with pytest.raises(InputError, match="--memory-budget 1 MB cannot fit phase 'UNet graphs'"):
+        profile_bundle(tiny_bundle, repeats=1, warmup=0, progress=False, memory_budget_mb=1)
+    profile = profile_bundle(tiny_bundle, repeats=1, warmup=0, progress=False, memory_budget_mb=2048)
+    assert set(profile.interleaved) == set(profile.graphs) == set(load_manifest(tiny_bundle, verify=False).graphs)

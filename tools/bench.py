@@ -13,8 +13,9 @@ Rows, each measured in a child process of its own (so that its peak resident mem
   (``runtime:baseline``), and each further provider's with the same schedule on ONNX Runtime, so a
   cheaper precision shows its drift beside its speed.
 
-Every row does one untimed warm-up generation (sessions, allocators), then ``repeats`` timed
-ones: the median wall time of prompt encoding + denoising + decoding. Runtime rows also add up the
+Every row does one untimed warm-up generation (sessions, allocators; its cold-start figures are
+reported: ``load_s`` from the child's process start to its first UNet call, ``sessions_s`` the
+session creation), then ``repeats`` timed ones: the median wall time of prompt encoding + denoising + decoding. Runtime rows also add up the
 time spent inside graph calls; the rest of the wall time is the runtime's own overhead (numpy
 scheduler steps, guidance, resolution switches, feed checks, tokenizing, image conversion).
 Speed-ups are ratios of medians measured in this one invocation on this one machine.
@@ -38,10 +39,12 @@ from tqdm.auto import tqdm
 
 from postdiff.profiles.device import load_device_profile
 from postdiff.errors import EXIT_USAGE, InputError, PostdiffError, RunFailure
+from postdiff.runtime.clock import process_age_s
+from postdiff.runtime.executor import required_graphs
 from postdiff.runtime.schedulers import default_scheduler, make_scheduler
-from postdiff.runtime.executor import ScheduleExecutor, required_graphs
 from postdiff.tools.explain import total_macs
 from postdiff.runtime.manifest import MANIFEST_NAME, Manifest, load_manifest
+from postdiff.runtime.memory import check_budget, estimate
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.runners.base import Runner
 from postdiff.profiles.presets import resolve_schedule
@@ -74,6 +77,7 @@ class BenchOptions:
     prompt: str | None = None  # default: the first calibration prompt (SD_PROMPTS), or a label model's first label
     providers: tuple[str, ...] = (DEFAULT_PROVIDER,)  # the first is the reference (its baseline is "runtime:")
     precisions: tuple[str, ...] = (AUTO_PRECISION,)  # for providers that choose one (OpenVINO)
+    memory_budget_mb: float | None = None  # runtime rows under this memory budget (Pipeline.memory_budget_mb)
 
 
 # --- child side: one row, in its own process ------------------------------------------------------------
@@ -106,6 +110,10 @@ class TimedPipeline(Pipeline):
         if name not in self._timed:
             self._timed[name] = TimedRunner(super().runner(name), self._clock)
         return self._timed[name]
+
+    def release(self, name: str) -> None:
+        self._timed.pop(name, None)
+        super().release(name)
 
     @property
     def graph_seconds(self) -> float:
@@ -150,22 +158,29 @@ def unet_weights_mb(manifest: Manifest) -> float:
 
 
 def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repeats: int, weights: str, prompt: str,
-                    save: str, provider: str = DEFAULT_PROVIDER, precision: str = AUTO_PRECISION) -> dict:
-    """Time ``repeats`` generations of ``schedule``; save the initial and final latents under ``save``."""
+                    save: str, provider: str = DEFAULT_PROVIDER, precision: str = AUTO_PRECISION,
+                    memory_budget_mb: float | None = None) -> dict:
+    """Time ``repeats`` generations of ``schedule``; save the initial and final latents under ``save``.
+
+    The cold start comes first: ``import_s`` is this process's age when the runtime is imported and
+    ready, ``load_s`` its age at the first UNet call of the first (warm-up) generation -- interpreter
+    start, imports, manifest + stamp check, the sessions opened until then; ``sessions_s`` is the
+    session creation of the whole first generation, ``verify_s`` the manifest and stamp check.
+    """
+    import_s = process_age_s()
     plan = resolve_schedule(schedule)
     before, (anon_before, file_before) = rss_mb(), pss_mb()
-    pipeline = TimedPipeline(Path(bundle), verify=False, shared_weights=WEIGHT_MODES[weights], provider=provider,
-                             precision=precision)
-    executor = ScheduleExecutor(pipeline.manifest, plan, pipeline.runner)
-    for name in executor.graph_names:  # every UNet session the schedule needs, run once: weights
-        runner = pipeline.runner(name)  # resident and activation memory allocated
-        runner.infer({t.name: np.zeros(t.shape, dtype=t.dtype) for t in runner.spec.inputs})
-    sessions_mb = rss_mb() - before
-    anon, mapped = pss_mb()
+    pipeline = TimedPipeline(Path(bundle), shared_weights=WEIGHT_MODES[weights], provider=provider,
+                             precision=precision, memory_budget_mb=memory_budget_mb)
+    executor = pipeline.executor(plan)
     options = GenerateOptions(prompt=prompt, seed=seed, steps=len(plan.steps), scheduler=scheduler,
                               guidance=pipeline.manifest.model.default_guidance)
     initial = pipeline.initial_latents(seed, executor.first_latent_shape())
-    pipeline.generate(options, latents=initial, schedule=plan)  # warm-up
+    pipeline.generate(options, latents=initial, schedule=plan)  # warm-up, and the cold start
+    cold = dict(pipeline.timings)
+    sessions_mb = rss_mb() - before  # sessions, weights and activation memory after one generation
+    anon, mapped = pss_mb()
+    ran = ",".join(sorted({p for n, p in pipeline.precisions.items() if n in executor.graph_names})) or precision
     walls, graphs = [], []
     for _ in range(repeats):
         pipeline.reset_clock()
@@ -178,8 +193,9 @@ def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repea
     overheads = [(w - g) / w for w, g in zip(walls, graphs)]
     return {"wall_s": float(np.median(walls)), "graph_s": float(np.median(graphs)),
             "overhead_pct": 100 * float(np.median(overheads)), "walls_s": walls,
-            "weights": pipeline.weights_mode, "provider": provider,
-            "precision": ",".join(sorted({pipeline.precisions[n] for n in executor.graph_names})),
+            "import_s": import_s, "load_s": cold["load_s"], "verify_s": cold["verify_s"],
+            "sessions_s": cold["sessions_s"], "weights": pipeline.weights_mode, "memory_budget_mb": memory_budget_mb,
+            "provider": provider, "precision": ran,
             "unet_graphs": len(executor.graph_names), "sessions_rss_mb": sessions_mb,
             "sessions_anon_mb": anon - anon_before, "sessions_file_mb": mapped - file_before,
             "unet_weights_mb": unet_weights_mb(pipeline.manifest), "peak_rss_mb": peak_rss_mb()}
@@ -302,7 +318,7 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
     with tempfile.TemporaryDirectory(prefix="postdiff-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         bundle = prepare_bundle(options, scratch, specs, progress)
-        manifest = load_manifest(bundle, verify=True)  # the children skip the sha256 check
+        manifest = load_manifest(bundle, verify=True)  # hashes and stamps; the children check the stamp only
         if options.scheduler is None:
             options = replace(options, scheduler=default_scheduler(manifest.scheduler_class))
         # diffusers' pipeline takes inference steps: as many as give the baseline's model calls (PNDM: one fewer)
@@ -310,6 +326,11 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
             len(plans[0].steps))
         for plan in plans:
             required_graphs(manifest, plan)  # ScheduleError naming the graphs the bundle lacks
+        if options.memory_budget_mb is not None:  # the floor without the child's own resident memory
+            pipeline = Pipeline(bundle, verify=False, memory_budget_mb=options.memory_budget_mb)
+            for plan in plans:
+                check_budget(estimate(manifest, bundle, pipeline.phases(plan), pipeline.weights_mode == "shared",
+                                      resident=0), options.memory_budget_mb)
         predicted = [predict_ms(profile, manifest, plan, options.scheduler) for plan in plans] if profile else None
         model = diffusers_source(options, manifest) if options.diffusers else None
         prompt = options.prompt if options.prompt is not None else default_prompt(manifest)
@@ -339,7 +360,8 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
                 row = run_child(what, {"kind": "runtime", "bundle": str(bundle), "schedule": specs[index],
                                  "scheduler": options.scheduler, "seed": options.seed,
                                  "repeats": options.repeats, "weights": options.weights, "prompt": prompt,
-                                 "save": str(save), "provider": provider, "precision": precision})
+                                 "save": str(save), "provider": provider, "precision": precision,
+                                 "memory_budget_mb": options.memory_budget_mb})
                 row["schedule"] = plans[index].name
                 row["unet_gmacs"] = total_macs(plans[index], manifest) / 1e9
                 if predicted is not None:
@@ -432,7 +454,8 @@ def format_report(report: dict) -> str:
     columns = (("wall s", "wall_s", "{:.3f}"), ("graphs s", "graph_s", "{:.3f}"),
                ("overhead", "overhead_pct", "{:.2f}%"), ("vs base", "speedup_vs_baseline", "{:.2f}x"),
                ("vs diff.", "speedup_vs_diffusers", "{:.2f}x"), ("MAC pred.", "mac_predicted_speedup", "{:.2f}x"),
-               ("pred. s", "predicted_ms", "{:.3f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
+               ("pred. s", "predicted_ms", "{:.3f}"), ("load s", "load_s", "{:.2f}"),
+               ("sessions s", "sessions_s", "{:.2f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
                ("sess. MB", "sessions_pss_mb", "{:.0f}"), ("x weights", "sessions_x_weights", "{:.2f}"),
                ("precision", "precision", "{}"), ("drift/base", "rel_l2_vs_baseline", "{:.2e}"),
                ("drift/ORT", "rel_l2_vs_reference", "{:.2e}"))

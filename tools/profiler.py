@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from postdiff.profiles.device import (FORMAT_VERSION, BundleRef, DeviceProfile, 
 from postdiff.errors import InputError
 from postdiff.runtime.executor import concrete, required_graphs, switch_noise
 from postdiff.runtime.manifest import Manifest, TensorSpec, dump_manifest
+from postdiff.runtime.memory import Phase, check_budget, estimate
 from postdiff.runtime.names import TEXT_ENCODER, TIMESTEP, VAE_DECODER
 from postdiff.runtime.pipeline import Pipeline
 from postdiff.runtime.runners.openvino import openvino_module
@@ -105,12 +106,13 @@ def switch_pairs(sizes: list[tuple[int, int]]) -> list[tuple[tuple[int, int], tu
 
 
 def _time_interleaved(pipeline: Pipeline, names: list[str], feeds: dict[str, dict[str, np.ndarray]], repeats: int,
-                      warmup: int, after: dict[str, Callable[[int], None]]
+                      warmup: int, after: dict[str, Callable[[int], None]], singles: Sequence[str] = ()
                       ) -> tuple[dict[str, Timing], dict[str, list[float]]]:
     """Time every graph in round-robin order: ``warmup`` untimed rounds, then ``repeats`` timed ones.
     Each call follows another graph's call, as when a schedule alternates graphs (with one graph,
     this is the back-to-back timing again). Right after each call of a graph named in ``after``, its
-    operation is timed too; those samples come back by graph name."""
+    operation is timed too; those samples come back by graph name. Graphs in ``singles`` are
+    released after each call (opened again, untimed, on their next turn)."""
     samples: dict[str, list[float]] = {name: [] for name in names}
     after_samples: dict[str, list[float]] = {name: [] for name in after}
     call = 0
@@ -128,6 +130,8 @@ def _time_interleaved(pipeline: Pipeline, names: list[str], feeds: dict[str, dic
                     after_samples[name].append(time.perf_counter() - started)
             if round_index >= warmup:
                 samples[name].append(elapsed)
+            if name in singles:
+                pipeline.release(name)
     return {name: summarize(values) for name, values in samples.items()}, after_samples
 
 
@@ -263,7 +267,8 @@ def machine_info(provider: str, precision: str = "fp32") -> Machine:
 
 
 def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmup: int = 2, progress: bool = True,
-                   shared_weights: bool | None = None, precision: str = AUTO_PRECISION) -> DeviceProfile:
+                   shared_weights: bool | None = None, precision: str = AUTO_PRECISION,
+                   memory_budget_mb: float | None = None) -> DeviceProfile:
     """Measure every graph of ``bundle`` and the runtime's numpy operations on this machine.
 
     Args:
@@ -275,6 +280,9 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
         shared_weights: as in :class:`~postdiff.runtime.pipeline.Pipeline` (default: shared when the
             bundle has several UNet graphs, as generation does).
         precision: inference precision, as in :class:`~postdiff.runtime.pipeline.Pipeline`.
+        memory_budget_mb: as generation under a budget: the UNet graphs are open together (as in a
+            denoising phase), the text encoder and the decoder only for their own calls; InputError
+            before any timing if that cannot fit (:mod:`postdiff.runtime.memory`).
 
     Raises:
         InputError: ``repeats`` below 1, negative ``warmup``, or a provider this machine lacks.
@@ -284,10 +292,18 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
         raise InputError(f"--repeats {repeats} is below 1; time each graph at least once (default 10)")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise InputError(f"--warmup {warmup} is negative; use 0 or more untimed calls (default 2)")
-    pipeline = Pipeline(Path(bundle), provider=provider, shared_weights=shared_weights, precision=precision)
+    pipeline = Pipeline(Path(bundle), provider=provider, shared_weights=shared_weights, precision=precision,
+                        memory_budget_mb=memory_budget_mb)
     manifest = pipeline.manifest
-    pipeline.load_all()  # every session open while timing, as when a schedule uses them all
-    ran = {pipeline.precisions[name] for name, spec in manifest.graphs.items() if spec.variant is not None}
+    unets = tuple(sorted(name for name, spec in manifest.graphs.items() if spec.variant is not None))
+    singles = [name for name in sorted(manifest.graphs) if name not in unets]  # opened per call under a budget
+    if memory_budget_mb is None:
+        pipeline.load_all()  # every session open while timing, as when a schedule uses them all
+        singles = []
+    else:
+        phases = [Phase("UNet graphs", unets)] + [Phase(name, (name,)) for name in singles]
+        check_budget(estimate(manifest, Path(bundle), phases, pipeline.weights_mode == "shared"), memory_budget_mb)
+    ran = {pipeline.runner(name).precision for name in unets}
     machine = machine_info(provider, ",".join(sorted(ran)))
     rng = np.random.default_rng(0)
     num_train = int(manifest.scheduler.get("num_train_timesteps", 1000))
@@ -300,12 +316,14 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
                disable=not progress)
     on_gpu = get_provider(provider).gpu
     peak_gpu = gpu_memory_mb() if on_gpu else None
-    feeds = {name: random_feed(pipeline.runner(name).spec.inputs, rng, timestep) for name in names}
+    feeds = {name: random_feed(manifest.graph(name).inputs, rng, timestep) for name in names}
     graphs: dict[str, Timing] = {}
     for name in names:
         bar.set_postfix_str(name)
         runner = pipeline.runner(name)
         graphs[name] = time_calls(lambda _i: runner.infer(feeds[name]), repeats, warmup)
+        if name in singles:
+            pipeline.release(name)
         peak_gpu = _max_or_none(peak_gpu, gpu_memory_mb() if on_gpu else None)
         bar.update()
     bar.set_postfix_str("all graphs, round-robin")
@@ -313,7 +331,7 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
     cold_steps = {size: _scheduler_step(SWITCH_SCHEDULER, manifest, size, len(names) * (warmup + repeats), rng)
                   for size in sizes}
     interleaved, after = _time_interleaved(pipeline, names, feeds, repeats, warmup,
-                                           {name: cold_steps[size] for name, size in unet_size.items()})
+                                           {name: cold_steps[size] for name, size in unet_size.items()}, singles)
     step_after_graph = {size_key(size): summarize([s for name, values in after.items() if unet_size[name] == size
                                                    for s in values]) for size in sizes}
     bar.update()

@@ -16,18 +16,32 @@ from postdiff.runtime.manifest import GraphSpec, Manifest
 
 
 class WeightPool:
-    """Hands out shared ``OrtValue`` views of the bundle's weights file, created on first use."""
+    """Hands out shared ``OrtValue`` views of the bundle's weights file, created on first use and
+    dropped (with the file's mapping, once none is left) when the last graph using them is released."""
 
     def __init__(self, bundle: Path, manifest: Manifest) -> None:
         self._index = manifest.weights.tensors
-        self._file = np.memmap(Path(bundle) / manifest.weights.file, dtype=np.uint8, mode="r")
+        self._path = Path(bundle) / manifest.weights.file
+        self._file: np.memmap | None = None
         self._values: dict[str, ort.OrtValue] = {}
+        self._users: dict[str, frozenset[str]] = {}  # graph file -> the weight keys it holds
 
     def initializers(self, spec: GraphSpec) -> dict[str, ort.OrtValue]:
         """Initializer name -> shared value, for every externalized initializer of ``spec``."""
+        self._users[spec.file] = frozenset(spec.initializers.values())
         return {name: self._value(key) for name, key in spec.initializers.items()}
 
+    def release(self, spec: GraphSpec) -> None:
+        """``spec``'s session is gone: drop the values no other open graph holds."""
+        self._users.pop(spec.file, None)
+        held = frozenset().union(*self._users.values())
+        self._values = {key: value for key, value in self._values.items() if key in held}
+        if not self._values:
+            self._file = None  # unmapped once the last view is gone
+
     def _value(self, key: str) -> ort.OrtValue:
+        if self._file is None:
+            self._file = np.memmap(self._path, dtype=np.uint8, mode="r")
         if key not in self._values:
             entry = self._index[key]
             array = np.ndarray(entry.shape, dtype=entry.dtype, buffer=self._file, offset=entry.offset)
