@@ -61,7 +61,7 @@ def test_generate_reads_initial_latents(capsys, tiny_bundle: Path, tmp_path: Pat
 def test_missing_graph_file(capsys, bundle_copy: Path, tmp_path: Path) -> None:
     (bundle_copy / "unet-16x16-b2.onnx").unlink()
     code, err = run_cli(capsys, *gen_args(bundle_copy, tmp_path / "x.png"))
-    assert code == 1 and "unet-16x16-b2.onnx is missing" in err and "re-export" in err  # fails verification
+    assert code == 2 and "unet-16x16-b2.onnx is missing" in err and "re-export" in err  # refused before any compute
     assert not (tmp_path / "x.png").exists()
 
 
@@ -70,7 +70,7 @@ def test_corrupted_graph_file_fails_its_sha256(capsys, bundle_copy: Path, tmp_pa
         handle.seek(100)
         handle.write(b"\x00garbage\x00")
     code, err = run_cli(capsys, *gen_args(bundle_copy, tmp_path / "x.png"))
-    assert code == 1 and "vae_decoder.onnx is corrupted: sha256" in err
+    assert code == 2 and "vae_decoder.onnx is corrupted: sha256" in err
 
 
 def test_corrupted_graph_with_matching_sha256_is_reported_by_name(capsys, bundle_copy: Path, tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_corrupted_graph_with_matching_sha256_is_reported_by_name(capsys, bundle
     manifest["graphs"]["text_encoder"]["sha256"] = sha256_file(bundle_copy / "text_encoder.onnx")
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     code, err = run_cli(capsys, *gen_args(bundle_copy, tmp_path / "x.png"))
-    assert code == 1 and "text_encoder.onnx could not be loaded by onnxruntime" in err
+    assert code == 2 and "text_encoder.onnx could not be loaded by onnxruntime" in err
 
 
 def test_unknown_format_version(capsys, bundle_copy: Path, tmp_path: Path) -> None:
