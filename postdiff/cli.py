@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Callable
 
 from postdiff import __version__
-from postdiff.errors import InputError, PostdiffError
+from postdiff.errors import InputError, ParityError, PostdiffError
 
-EXIT_OK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     resolution = parse_resolution(args.resolution) if args.resolution else None
     options = ExportOptions(source=args.model, out=Path(args.out), resolution=resolution, precision=args.precision,
-                            schedules=tuple(args.schedule or ()), tuning_space=args.tuning_space)
+                            schedules=tuple(args.schedule or ()), tuning_space=args.tuning_space, merged=args.merged)
     started = time.perf_counter()
     manifest = export_bundle(options, progress=not args.quiet)
     worst = max(g.parity.max_abs_diff for g in manifest.graphs.values())
@@ -59,7 +59,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     steps = len(schedule.steps) if schedule else (20 if args.steps is None else args.steps)
     GenerateOptions(prompt=args.prompt, steps=steps).validate()
     latents = _load_latents(Path(args.latents)) if args.latents else None
-    pipeline = Pipeline(Path(args.bundle), provider=args.provider)
+    pipeline = Pipeline(Path(args.bundle), provider=args.provider, unet=args.unet)
     guidance = pipeline.manifest.model.default_guidance if args.guidance is None else args.guidance
     options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
                               steps=steps, guidance=guidance, scheduler=args.scheduler)
@@ -105,6 +105,42 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     if out is not None:
         write_json_atomic(out, schedule)
         print(f"wrote {out}")
+    return EXIT_OK
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    """Build the TensorRT engines a bundle's schedules run into BUNDLE/engines/ (listed in engines.json;
+    an engine whose cache key is unchanged is reused, so a second run builds nothing). The UNet becomes
+    one engine from the merged graph (`export --merged`): its cache roles are If branches and every
+    resolution and batch is an optimization profile, so the weights are held once. Where to run it:
+    --backend tensorrt (Jetson, any TensorRT 10 GPU) builds for the GPU it runs on, so run it on the
+    device itself; --backend tensorrt-rtx (RTX GPUs) builds anywhere, even without a GPU, for the
+    compute capability --sm names (75, 80, 86, 89, 120, 121)."""
+    from postdiff.profiles.presets import resolve_schedule
+    from postdiff.runtime.compile import CompileOptions, compile_bundle
+
+    options = CompileOptions(bundle=Path(args.bundle), backend=args.backend, sm=args.sm,
+                             schedules=tuple(resolve_schedule(s) for s in args.schedule or ()), unet=args.unet)
+    started = time.perf_counter()
+    report = compile_bundle(options, progress=not args.quiet)
+    for name, entry in sorted(report.index.engines.items()):
+        state = "built" if name in report.built else "reused"
+        print(f"{state:6} {entry.file}: {entry.bytes / 1e6:.1f} MB, serves {len(entry.serves)} variant(s)"
+              + (f", {len(entry.profiles)} profile(s)" if entry.profiles else "")
+              + (f", {entry.build_seconds:.1f} s" if state == "built" else ""))
+    print(f"{report.index.backend} {report.index.backend_version} for {report.index.target}: built "
+          f"{len(report.built)}, reused {len(report.reused)} in {time.perf_counter() - started:.1f} s; "
+          f"see {Path(args.bundle) / 'engines' / 'engines.json'}")
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Check a GPU provider against ONNX Runtime CPU on this machine: every graph on the same seeded
+    inputs (max abs/rel difference, fp32 and fp16 tolerances), the bundle's schedules end to end,
+    per-graph latency and peak device memory. Needs a CUDA GPU; exit 1 if anything is out of tolerance."""
+    from postdiff.tools.check import check_bundle, format_report
+
+    print(format_report(check_bundle(Path(args.bundle), args.provider, progress=not args.quiet)))
     return EXIT_OK
 
 
@@ -192,6 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "the plain full-resolution graph)")
     export.add_argument("--tuning-space", action="store_true",
                         help="also export every graph variant the candidates of `postdiff tune` need")
+    export.add_argument("--merged", action="store_true",
+                        help="also export the merged UNet graph: every variant as an If branch over one set of "
+                             "weights, batch and spatial sides free; `postdiff compile` builds TensorRT engines "
+                             "from it that hold the weights once (docs/tensorrt.md)")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(handler=_cmd_export)
 
@@ -209,14 +249,44 @@ def build_parser() -> argparse.ArgumentParser:
                           "7.5 for Stable Diffusion)")
     gen.add_argument("--scheduler", default="ddim", choices=["ddim", "dpmpp-2m", "euler"],
                      help="sampler (default: ddim)")
-    gen.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
-                     help="ONNX Runtime execution provider (default: cpu)")
+    gen.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt", "ort-tensorrt"],
+                     help="cpu/cuda: ONNX Runtime; tensorrt: postdiff's TensorRT runner on the engines of "
+                          "`postdiff compile` (UNVERIFIED: no GPU was available to test it); ort-tensorrt: "
+                          "ONNX Runtime's TensorRT provider (an engine, and a copy of the weights, per graph) "
+                          "(default: cpu)")
+    gen.add_argument("--unet", default="auto", choices=["auto", "variants", "merged"],
+                     help="UNet form to run: per-variant graphs or the merged graph of `export --merged` "
+                          "(default auto: per-variant graphs where the bundle has them)")
     gen.add_argument("--latents", metavar="NPY", help="initial latents (1, C, h, w) float32 instead of seeded noise")
     gen.add_argument("--save-latents", metavar="NPY", help="also save the final latents")
     gen.add_argument("--out", required=True, help="PNG file to write")
     gen.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     gen.set_defaults(handler=_cmd_generate)
+
+    comp = sub.add_parser("compile", help=_cmd_compile.__doc__.split(". ")[0], description=_cmd_compile.__doc__)
+    comp.add_argument("bundle", help="bundle folder written by `postdiff export` (with --merged for one UNet engine)")
+    comp.add_argument("--backend", default="tensorrt", choices=["tensorrt", "tensorrt-rtx"],
+                      help="tensorrt: TensorRT 10 (Jetson's JetPack, datacenter GPUs), on the device; tensorrt-rtx: "
+                           "TensorRT-RTX (pip install 'postdiff[tensorrt-rtx]'), anywhere with --sm (default: tensorrt)")
+    comp.add_argument("--sm", type=int, metavar="CC",
+                      help="compute capability to build for, tensorrt-rtx only: 75, 80, 86, 89, 120, 121 "
+                           "(e.g. 86 = RTX 30xx/A-series)")
+    comp.add_argument("--schedule", action="append", metavar="SCHEDULE",
+                      help="schedule (preset or file) whose variants the engines serve; repeatable (default: every "
+                           "UNet variant the bundle holds, i.e. those of the schedules it was exported for)")
+    comp.add_argument("--unet", default="auto", choices=["auto", "merged", "variants"],
+                      help="merged: one UNet engine from the merged graph; variants: one engine per UNet graph, "
+                           "each with its own copy of the weights (default auto: merged when the bundle has it)")
+    comp.add_argument("--quiet", action="store_true", help="no progress bars")
+    comp.set_defaults(handler=_cmd_compile)
+
+    chk = sub.add_parser("check", help=_cmd_check.__doc__.split(": ")[0], description=_cmd_check.__doc__)
+    chk.add_argument("bundle", help="bundle folder (for tensorrt: compiled with `postdiff compile` on this machine)")
+    chk.add_argument("--provider", required=True, choices=["tensorrt", "cuda"],
+                     help="tensorrt: postdiff's TensorRT runner; cuda: ONNX Runtime's CUDA provider")
+    chk.add_argument("--quiet", action="store_true", help="no progress bars")
+    chk.set_defaults(handler=_cmd_check)
 
     sched = sub.add_parser("schedule", help=_cmd_schedule.__doc__, description=_cmd_schedule.__doc__)
     sched.add_argument("--preset", help="start from a preset (baseline, fewer-steps, postdiff-sd15, postdiff-beta34); "
@@ -267,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help=_cmd_profile.__doc__, description=_cmd_profile.__doc__)
     prof.add_argument("bundle", help="bundle folder written by `postdiff export`")
     prof.add_argument("--out", required=True, metavar="DEVICE.json", help="device profile to write")
-    prof.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
+    prof.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "ort-tensorrt"],
                       help="ONNX Runtime execution provider (default: cpu)")
     prof.add_argument("--repeats", type=int, default=10, help="timed calls per graph and operation (default: 10)")
     prof.add_argument("--warmup", type=int, default=2, help="untimed calls before them (default: 2)")
@@ -320,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
+    except ParityError as exc:  # a verification failure, not a usage one
+        print(f"postdiff {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except PostdiffError as exc:
         print(f"postdiff {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

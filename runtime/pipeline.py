@@ -17,7 +17,7 @@ from postdiff.errors import InputError
 from postdiff.runtime.executor import ScheduleExecutor
 from postdiff.runtime.image import to_uint8
 from postdiff.runtime.manifest import Manifest, load_manifest
-from postdiff.runtime.names import HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, VAE_DECODER
+from postdiff.runtime.names import HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, UNET, VAE_DECODER
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.ort import OrtRunner
 from postdiff.runtime.runners.weights import WeightPool
@@ -57,7 +57,7 @@ class Pipeline:
     """Loads a bundle's graphs once and generates images from prompts."""
 
     def __init__(self, bundle: Path, provider: str = "cpu", verify: bool = True,
-                 shared_weights: bool | None = None, threads: int | None = None) -> None:
+                 shared_weights: bool | None = None, threads: int | None = None, unet: str = "auto") -> None:
         """Load a bundle.
 
         Args:
@@ -65,22 +65,39 @@ class Pipeline:
             shared_weights: give all UNet sessions one in-memory copy of the weights (default: when
                 the bundle has more than one UNet graph).
             threads: intra-op threads per ONNX Runtime session (default: ONNX Runtime's choice).
+            unet: which form of the UNet to run, per-variant graphs or the merged graph
+                (``executor.resolve_graphs``; default auto: per-variant where present).
         """
         self.bundle = Path(bundle)
         self.manifest: Manifest = load_manifest(self.bundle, verify=verify)
         self.provider = provider
         self.tokenizer = PromptTokenizer(self.manifest.tokenizer, self.bundle)
-        unets = sum(1 for g in self.manifest.graphs.values() if g.variant is not None)
+        unets = sum(1 for g in self.manifest.graphs.values() if g.role == UNET)
         share = unets > 1 if shared_weights is None else shared_weights
         self._pool = WeightPool(self.bundle, self.manifest) if share else None
         self._runners: dict[str, Runner] = {}
         self._executors: dict[Schedule, ScheduleExecutor] = {}
         self._threads = threads
+        self._engines = None
+        if provider == "tensorrt":  # our runner: engines from `postdiff compile`, the UNet merged when compiled so
+            from postdiff.runtime.engines import load_engines
+
+            self._engines = load_engines(self.bundle, self.manifest)
+            merged = self.manifest.merged_unet
+            if unet == "auto":
+                unet = "merged" if merged is not None and self._engines.engine_for(merged) else "variants"
+            self._pool = None
+        self.unet = unet
 
     def runner(self, name: str) -> Runner:
         """The runner of graph ``name``, created on first use."""
         if name not in self._runners:
             spec = self.manifest.graph(name)
+            if self._engines is not None:
+                from postdiff.runtime.runners.tensorrt import TensorRTRunner
+
+                self._runners[name] = TensorRTRunner(spec, self.bundle, self._engines, name)
+                return self._runners[name]
             shared = self._pool.initializers(spec) if self._pool is not None else None
             self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads)
         return self._runners[name]
@@ -94,13 +111,17 @@ class Pipeline:
         """The executor of ``schedule`` on this bundle, made once per schedule (ScheduleError if the
         bundle lacks its graphs)."""
         if schedule not in self._executors:
-            self._executors[schedule] = ScheduleExecutor(self.manifest, schedule, self.runner)
+            self._executors[schedule] = ScheduleExecutor(self.manifest, schedule, self.runner, self.unet)
         return self._executors[schedule]
 
     def load_all(self) -> None:
-        """Open a session for every graph now (benchmarks exclude this from their timings)."""
-        for name in sorted(self.manifest.graphs):
-            self.runner(name)
+        """Open a session for every graph of the UNet form in use now (benchmarks exclude this from their
+        timings)."""
+        merged = self.manifest.merged_unet
+        for name, spec in sorted(self.manifest.graphs.items()):
+            in_use = (name == merged) == (self.unet == "merged") if spec.role == UNET else True
+            if in_use:
+                self.runner(name)
 
     @property
     def latent_shape(self) -> tuple[int, ...]:

@@ -15,7 +15,7 @@ from postdiff.runtime.runners.base import Runner
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
     "cuda": "CUDAExecutionProvider",
-    "tensorrt": "TensorrtExecutionProvider",
+    "ort-tensorrt": "TensorrtExecutionProvider",  # ONNX Runtime's: an engine per session (`tensorrt` is ours)
 }
 
 
@@ -32,7 +32,7 @@ def execution_providers(provider: str) -> list[str]:
     if wanted not in available:
         raise InputError(
             f"provider '{provider}' needs {wanted}, which this onnxruntime build lacks "
-            f"(it has {available}); install onnxruntime-gpu for cuda/tensorrt, or use --provider cpu"
+            f"(it has {available}); install onnxruntime-gpu for cuda/ort-tensorrt, or use --provider cpu"
         )
     return [wanted] if wanted == PROVIDERS["cpu"] else [wanted, PROVIDERS["cpu"]]
 
