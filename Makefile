@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # The CPU wheel of torch on this kind of machine; a bare `torch` would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# Extras installed by `make setup`; CI adds tensorrt-rtx so that the engine-build test runs (.ci/run).
+EXTRAS ?= export,test
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup demo test clean
@@ -11,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 $(BIN)/postdiff: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[export,test]"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
 setup: $(BIN)/postdiff

@@ -120,7 +120,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     from postdiff.runtime.compile import CompileOptions, compile_bundle
 
     options = CompileOptions(bundle=Path(args.bundle), backend=args.backend, sm=args.sm,
-                             schedules=tuple(resolve_schedule(s) for s in args.schedule or ()), unet=args.unet)
+                             schedules=tuple(resolve_schedule(s) for s in args.schedule or ()), unet=args.unet,
+                             opt_level=args.opt_level)
     started = time.perf_counter()
     report = compile_bundle(options, progress=not args.quiet)
     for name, entry in sorted(report.index.engines.items()):
@@ -278,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--unet", default="auto", choices=["auto", "merged", "variants"],
                       help="merged: one UNet engine from the merged graph; variants: one engine per UNet graph, "
                            "each with its own copy of the weights (default auto: merged when the bundle has it)")
+    comp.add_argument("--opt-level", type=int, metavar="N",
+                      help="TensorRT builder optimization level 0-5: lower builds faster, runs slower (default: the "
+                           "builder's, 3); part of the cache key")
     comp.add_argument("--quiet", action="store_true", help="no progress bars")
     comp.set_defaults(handler=_cmd_compile)
 

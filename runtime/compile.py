@@ -28,7 +28,7 @@ from postdiff.runtime.engines import (BACKENDS, ENGINES_DIR, ENGINES_JSON, FORMA
                                       Profile, ShapeRange, cache_key, load_engines, manifest_sha256)
 from postdiff.errors import BundleError, InputError, PostdiffError
 from postdiff.runtime.executor import concrete
-from postdiff.runtime.jsonio import write_json_atomic
+from postdiff.runtime.jsonio import dumps, write_json_atomic
 from postdiff.runtime.manifest import DYNAMIC, GraphSpec, Manifest, ServedVariant, UNetVariant, load_manifest
 from postdiff.runtime.names import TEXT_ENCODER, UNET, VAE_DECODER, unet_graph_name
 from postdiff.runtime.schedule import Schedule, graph_variants
@@ -54,6 +54,7 @@ class CompileOptions:
     sm: int | None = None  # target compute capability (TensorRT-RTX only), e.g. 86
     schedules: tuple[Schedule, ...] = ()  # () = every UNet variant the bundle holds
     unet: str = "auto"  # merged (one engine) | variants (one engine per graph) | auto: merged when exported
+    opt_level: int | None = None  # TensorRT builder optimization level 0-5 (None: the builder's default, 3)
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,11 @@ def compile_bundle(options: CompileOptions, progress: bool = True) -> CompileRep
     index = EnginesIndex(format_version=FORMAT_VERSION, manifest_sha256=manifest_sha256(bundle),
                          backend=options.backend, backend_version=version, target=f"sm{sm}", engines={})
     report = CompileReport(index=index)
+    if options.opt_level is not None and not 0 <= options.opt_level <= 5:
+        raise InputError(f"--opt-level {options.opt_level} is outside 0..5 (TensorRT's builder optimization levels)")
     builder_options = {"network": "strongly_typed"}
+    if options.opt_level is not None:
+        builder_options["optimization_level"] = str(options.opt_level)
     for plan in plans:
         spec = manifest.graph(plan.graph)
         key = cache_key(spec.sha256, plan.profiles, spec.precision, options.backend, version, index.target,
@@ -240,7 +245,7 @@ def compile_bundle(options: CompileOptions, progress: bool = True) -> CompileRep
             continue
         file = f"{plan.name}.{key[:12]}.engine"
         started = time.perf_counter()
-        blob = _build(trt, options.backend, sm, bundle / spec.file, plan, progress)
+        blob = _build(trt, options.backend, sm, bundle / spec.file, plan, builder_options, progress)
         _write_atomic(folder / file, blob)
         index.engines[plan.name] = EngineEntry(
             file=file, bytes=memoryview(blob).nbytes, sha256=_sha256(blob), graph=plan.graph, graph_sha256=spec.sha256,
@@ -248,7 +253,8 @@ def compile_bundle(options: CompileOptions, progress: bool = True) -> CompileRep
             build_seconds=round(time.perf_counter() - started, 2))
         write_json_atomic(folder / ENGINES_JSON, index)  # after each engine: an interrupt loses at most one
         report.built.append(plan.name)
-    write_json_atomic(folder / ENGINES_JSON, index)
+    if not (folder / ENGINES_JSON).is_file() or (folder / ENGINES_JSON).read_text(encoding="utf-8") != dumps(index):
+        write_json_atomic(folder / ENGINES_JSON, index)  # nothing changed, nothing written
     keep = {e.file for e in index.engines.values()} | {ENGINES_JSON}
     for stale in folder.iterdir():  # engines of older keys, superseded now that engines.json names the new ones
         if stale.name not in keep and stale.suffix == ".engine":
@@ -281,7 +287,8 @@ def _write_atomic(path: Path, blob: Any) -> None:
         raise
 
 
-def _build(trt: ModuleType, backend: str, sm: int, onnx_path: Path, plan: EnginePlan, progress: bool) -> Any:
+def _build(trt: ModuleType, backend: str, sm: int, onnx_path: Path, plan: EnginePlan, builder_options: dict[str, str],
+           progress: bool) -> Any:
     """Parse ``onnx_path`` (external weights found beside it) and build the serialized engine."""
     logger = trt.Logger(trt.Logger.ERROR)
     builder = trt.Builder(logger)
@@ -295,6 +302,8 @@ def _build(trt: ModuleType, backend: str, sm: int, onnx_path: Path, plan: Engine
         raise BundleError(f"{backend} cannot parse {onnx_path.name}: {errors}; report it with the bundle's "
                           "manifest.json")
     config = builder.create_builder_config()
+    if "optimization_level" in builder_options:
+        config.builder_optimization_level = int(builder_options["optimization_level"])
     if backend == "tensorrt-rtx":
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{sm}"), 0)
