@@ -160,7 +160,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     options = BenchOptions(
         model=args.model, bundle=Path(args.bundle) if args.bundle else None,
         schedules=tuple(args.schedule or ("postdiff-sd15",)), resolution=resolution, scheduler=args.scheduler,
-        seed=args.seed, repeats=args.repeats, weights=args.weights, diffusers=not args.no_diffusers,
+        seed=args.seed, repeats=args.repeats, weights=args.weights, unet=args.unet, diffusers=not args.no_diffusers,
         device=Path(args.device) if args.device else None, prompt=args.prompt)
     report = bench(options, progress=not args.quiet)
     print(format_report(report))
@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weights", default="auto", choices=["auto", "shared", "per-session"],
                        help="how UNet sessions hold the weights (default auto: shared when the bundle has several "
                             "UNet graphs, as `postdiff generate` does)")
+    bench.add_argument("--unet", default="auto", choices=["auto", "variants", "merged"],
+                       help="UNet form to time: per-variant graphs or the merged graph of `export --merged` "
+                            "(default auto: per-variant graphs where the bundle has them)")
     bench.add_argument("--device", metavar="DEVICE.json",
                        help="device profile of this bundle: adds each row's predicted latency")
     bench.add_argument("--no-diffusers", action="store_true", help="skip the diffusers row (no torch needed)")

@@ -132,7 +132,7 @@ class Pipeline:
         """Text-encoder hidden states of ``text``: (1, L, D)."""
         spec = self.manifest.graph(TEXT_ENCODER).input(INPUT_IDS)
         ids = self.tokenizer.encode(text, dtype=spec.dtype)
-        return self.runner(TEXT_ENCODER).infer({INPUT_IDS: ids})[HIDDEN_STATES]
+        return self.runner(TEXT_ENCODER).infer({INPUT_IDS: ids})[HIDDEN_STATES].copy()  # kept across the next call
 
     def initial_latents(self, seed: int, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """Seeded standard-normal latents, reproducible across machines (numpy PCG64); full

@@ -62,6 +62,7 @@ class BenchOptions:
     seed: int = 0
     repeats: int = 3
     weights: str = "auto"  # how UNet sessions hold weights: auto | shared | per-session
+    unet: str = "auto"  # UNet form: auto | variants | merged (executor.resolve_graphs)
     diffusers: bool = True  # also time diffusers (needs torch and the model)
     device: Path | None = None  # device profile: adds each row's predicted latency
     prompt: str | None = None  # default: the first calibration prompt (SD_PROMPTS), or a label model's first label
@@ -116,12 +117,12 @@ def rss_mb() -> float:
 
 
 def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repeats: int, weights: str, prompt: str,
-                    save: str) -> dict:
+                    save: str, unet: str = "auto") -> dict:
     """Time ``repeats`` generations of ``schedule``; save the initial and final latents under ``save``."""
     plan = resolve_schedule(schedule)
     before = rss_mb()
-    pipeline = TimedPipeline(Path(bundle), verify=False, shared_weights=WEIGHT_MODES[weights])
-    executor = ScheduleExecutor(pipeline.manifest, plan, pipeline.runner)
+    pipeline = TimedPipeline(Path(bundle), verify=False, shared_weights=WEIGHT_MODES[weights], unet=unet)
+    executor = ScheduleExecutor(pipeline.manifest, plan, pipeline.runner, unet)
     for name in executor.graph_names:  # every UNet session the schedule needs, run once: weights
         runner = pipeline.runner(name)  # resident and activation memory allocated
         runner.infer({t.name: np.zeros(t.shape, dtype=t.dtype) for t in runner.spec.inputs})
@@ -281,7 +282,7 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
                 row = run_child(what, {"kind": "runtime", "bundle": str(bundle), "schedule": specs[index],
                                  "scheduler": options.scheduler, "seed": options.seed,
                                  "repeats": options.repeats, "weights": options.weights, "prompt": prompt,
-                                 "save": str(save)})
+                                 "save": str(save), "unet": options.unet})
                 row["unet_gmacs"] = total_macs(plans[index], manifest) / 1e9
                 if predicted is not None:
                     row["predicted_ms"] = predicted[index]
