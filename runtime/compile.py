@@ -30,7 +30,7 @@ from postdiff.errors import BundleError, InputError, PostdiffError
 from postdiff.runtime.executor import concrete
 from postdiff.runtime.jsonio import dumps, write_json_atomic
 from postdiff.runtime.manifest import DYNAMIC, GraphSpec, Manifest, ServedVariant, UNetVariant, load_manifest
-from postdiff.runtime.names import TEXT_ENCODER, UNET, VAE_DECODER, unet_graph_name
+from postdiff.runtime.names import TEXT_ENCODER, VAE_DECODER, unet_graph_name
 from postdiff.runtime.schedule import Schedule, graph_variants
 
 RTX_TARGETS = (75, 80, 86, 89, 120, 121)  # TensorRT-RTX 1.x ComputeCapability.SM*

@@ -4,7 +4,6 @@ is that they import torch-free and stop with one clear line and exit 2."""
 from __future__ import annotations
 
 import importlib.util
-import shutil
 from pathlib import Path
 
 import pytest
