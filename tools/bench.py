@@ -123,8 +123,8 @@ def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repea
     before = rss_mb()
     pipeline = TimedPipeline(Path(bundle), verify=False, shared_weights=WEIGHT_MODES[weights], unet=unet)
     executor = ScheduleExecutor(pipeline.manifest, plan, pipeline.runner, unet)
-    for name in executor.graph_names:  # every UNet session the schedule needs, run once: weights
-        runner = pipeline.runner(name)  # resident and activation memory allocated
+    for variant in executor.variants:  # every UNet session the schedule needs, run once: weights resident and
+        runner = executor.runner_for(variant)  # activation memory allocated (the merged graph: at each shape)
         runner.infer({t.name: np.zeros(t.shape, dtype=t.dtype) for t in runner.spec.inputs})
     sessions_mb = rss_mb() - before
     options = GenerateOptions(prompt=prompt, seed=seed, steps=len(plan.steps), scheduler=scheduler,
