@@ -49,7 +49,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     resolution = parse_resolution(args.resolution) if args.resolution else None
     options = ExportOptions(source=args.model, out=Path(args.out), resolution=resolution, precision=args.precision,
                             schedules=tuple(args.schedule or ()), tuning_space=args.tuning_space,
-                            lora=args.lora, lora_scale=args.lora_scale)
+                            lora=args.lora, lora_scale=args.lora_scale, merged=args.merged)
     check_options(options)  # before torch and diffusers, which take seconds to import
     from postdiff.exporter.export import export_bundle
 
@@ -195,6 +195,43 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_compile(args: argparse.Namespace) -> int:
+    """Build the TensorRT engines a bundle's schedules run into BUNDLE/engines/ (listed in engines.json;
+    an engine whose cache key is unchanged is reused, so a second run builds nothing). The UNet becomes
+    one engine from the merged graph (`export --merged`): its cache roles are If branches and every
+    resolution and batch is an optimization profile, so the weights are held once. Where to run it:
+    --backend tensorrt (Jetson, any TensorRT 10 GPU) builds for the GPU it runs on, so run it on the
+    device itself; --backend tensorrt-rtx (RTX GPUs) builds anywhere, even without a GPU, for the
+    compute capability --sm names (75, 80, 86, 89, 120, 121)."""
+    from postdiff.profiles.presets import resolve_schedule
+    from postdiff.runtime.compile import CompileOptions, compile_bundle
+
+    options = CompileOptions(bundle=Path(args.bundle), backend=args.backend, sm=args.sm,
+                             schedules=tuple(resolve_schedule(s) for s in args.schedule or ()), unet=args.unet,
+                             opt_level=args.opt_level)
+    started = time.perf_counter()
+    report = compile_bundle(options, progress=not args.quiet)
+    for name, entry in sorted(report.index.engines.items()):
+        state = "built" if name in report.built else "reused"
+        print(f"{state:6} {entry.file}: {entry.bytes / 1e6:.1f} MB, serves {len(entry.serves)} variant(s)"
+              + (f", {len(entry.profiles)} profile(s)" if entry.profiles else "")
+              + (f", {entry.build_seconds:.1f} s" if state == "built" else ""))
+    print(f"{report.index.backend} {report.index.backend_version} for {report.index.target}: built "
+          f"{len(report.built)}, reused {len(report.reused)} in {time.perf_counter() - started:.1f} s; "
+          f"see {Path(args.bundle) / 'engines' / 'engines.json'}")
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Check a GPU provider against ONNX Runtime CPU on this machine: every graph on the same seeded
+    inputs (max abs/rel difference, fp32 and fp16 tolerances), the bundle's schedules end to end,
+    per-graph latency and peak device memory. Needs a CUDA GPU; exit 1 if anything is out of tolerance."""
+    from postdiff.tools.check import check_bundle, format_report
+
+    print(format_report(check_bundle(Path(args.bundle), args.provider, progress=not args.quiet)))
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Time diffusers against the runtime on the 20-step baseline, and the runtime's baseline against
     faster schedules, in one run on this machine: median wall time, time inside graphs, the runtime's
@@ -212,7 +249,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         schedules=tuple(args.schedule or ("postdiff-sd15",)), resolution=resolution, scheduler=args.scheduler,
         seed=args.seed, repeats=args.repeats, weights=args.weights, diffusers=not args.no_diffusers,
         device=Path(args.device) if args.device else None, prompt=args.prompt, memory_budget_mb=args.memory_budget,
-        providers=tuple(args.provider or (DEFAULT_PROVIDER,)), precisions=tuple(args.precision or (AUTO_PRECISION,)))
+        unet=args.unet, providers=tuple(args.provider or (DEFAULT_PROVIDER,)), precisions=tuple(args.precision or (AUTO_PRECISION,)))
     report = bench(options, progress=not args.quiet)
     print(format_report(report))
     if args.json:
@@ -280,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render --help). Choices come from the registries."""
     from postdiff.exporter.options import BUILTIN_SPECS, PRECISIONS
     from postdiff.profiles.presets import preset_names
+    from postdiff.runtime.engines import BACKENDS
+    from postdiff.runtime.executor import UNET_FORMS
     from postdiff.runtime.schedule import XATTN_MODES
     from postdiff.runtime.schedulers import SCHEDULERS
     from postdiff.tools.bench import WEIGHT_MODES
@@ -311,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "exported weights")
     export.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
                         help="strength of the fused LoRA, as diffusers' fuse_lora(lora_scale=S) (default: 1.0)")
+    export.add_argument("--merged", action="store_true",
+                        help="also export the merged UNet graph: every variant as an If branch over one set of "
+                             "weights, batch and spatial sides free; `postdiff compile` builds TensorRT engines "
+                             "from it that hold the weights once (docs/tensorrt.md)")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(handler=_cmd_export)
 
@@ -337,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampler (default: the one the model ships, recorded in the bundle; an error naming "
                           "the supported ones if postdiff does not port it)")
     _add_provider_flags(gen)
+    gen.add_argument("--unet", default="auto", choices=UNET_FORMS,
+                     help="UNet form to run: per-variant graphs or the merged graph of `export --merged` "
+                          "(default auto: per-variant graphs where the bundle has them)")
     gen.add_argument("--latents", metavar="NPY", help="initial latents (1, C, h, w) float32 instead of seeded noise")
     gen.add_argument("--save-latents", metavar="NPY", help="also save the final latents")
     gen.add_argument("--out", required=True, help="image file to write: .png, or .jpg/.jpeg (JPEG quality 95)")
@@ -351,6 +397,33 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help=_cmd_verify.__doc__, description=_cmd_verify.__doc__)
     ver.add_argument("bundle", help="bundle folder written by `postdiff export`")
     ver.set_defaults(handler=_cmd_verify)
+
+    comp = sub.add_parser("compile", help=_cmd_compile.__doc__.split(". ")[0], description=_cmd_compile.__doc__)
+    comp.add_argument("bundle", help="bundle folder written by `postdiff export` (with --merged for one UNet engine)")
+    comp.add_argument("--backend", default="tensorrt", choices=list(BACKENDS),
+                      help="tensorrt: TensorRT 10 (Jetson's JetPack, datacenter GPUs), on the device; tensorrt-rtx: "
+                           "TensorRT-RTX (pip install 'postdiff[tensorrt-rtx]'), anywhere with --sm (default: tensorrt)")
+    comp.add_argument("--sm", type=int, metavar="CC",
+                      help="compute capability to build for, tensorrt-rtx only: 75, 80, 86, 89, 120, 121 "
+                           "(e.g. 86 = RTX 30xx/A-series)")
+    comp.add_argument("--schedule", action="append", metavar="SCHEDULE",
+                      help="schedule (preset or file) whose variants the engines serve; repeatable (default: every "
+                           "UNet variant the bundle holds, i.e. those of the schedules it was exported for)")
+    comp.add_argument("--unet", default="auto", choices=UNET_FORMS,
+                      help="merged: one UNet engine from the merged graph; variants: one engine per UNet graph, "
+                           "each with its own copy of the weights (default auto: merged when the bundle has it)")
+    comp.add_argument("--opt-level", type=int, metavar="N",
+                      help="TensorRT builder optimization level 0-5: lower builds faster, runs slower (default: the "
+                           "builder's, 3); part of the cache key")
+    comp.add_argument("--quiet", action="store_true", help="no progress bars")
+    comp.set_defaults(handler=_cmd_compile)
+
+    chk = sub.add_parser("check", help=_cmd_check.__doc__.split(": ")[0], description=_cmd_check.__doc__)
+    chk.add_argument("bundle", help="bundle folder (for tensorrt: compiled with `postdiff compile` on this machine)")
+    chk.add_argument("--provider", required=True, choices=["tensorrt", "cuda"],
+                     help="tensorrt: postdiff's TensorRT runner; cuda: ONNX Runtime's CUDA provider")
+    chk.add_argument("--quiet", action="store_true", help="no progress bars")
+    chk.set_defaults(handler=_cmd_check)
 
     sched = sub.add_parser("schedule", help=_cmd_schedule.__doc__, description=_cmd_schedule.__doc__)
     sched.add_argument("--preset", help=f"start from a preset ({', '.join(preset_names())}); "
@@ -402,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weights", default="auto", choices=WEIGHT_MODES,
                        help="how UNet sessions hold the weights (default auto: shared when the bundle has several "
                             "UNet graphs, as `postdiff generate` does)")
+    bench.add_argument("--unet", default="auto", choices=UNET_FORMS,
+                       help="UNet form to time: per-variant graphs or the merged graph of `export --merged` "
+                            "(default auto: per-variant graphs where the bundle has them)")
     bench.add_argument("--device", metavar="DEVICE.json",
                        help="device profile of this bundle: adds each row's predicted latency")
     bench.add_argument("--provider", action="append", choices=provider_names(),

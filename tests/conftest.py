@@ -40,3 +40,14 @@ def tiny_postdiff_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-postdiff"
     export_bundle(ExportOptions(source="random:tiny-sd", out=out, schedules=PRESETS), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_merged_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with every variant of the shipped presets, per-variant graphs and the merged UNet
+    graph (`export --merged`)."""
+    from postdiff.exporter.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-merged"
+    export_bundle(ExportOptions(source="random:tiny-sd", out=out, schedules=PRESETS, merged=True), progress=False)
+    return out

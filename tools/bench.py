@@ -72,6 +72,7 @@ class BenchOptions:
     seed: int = 0
     repeats: int = 3
     weights: str = "auto"  # how UNet sessions hold weights: auto | shared | per-session
+    unet: str = "auto"  # UNet form: auto | variants | merged (executor.resolve_graphs)
     diffusers: bool = True  # also time diffusers (needs torch and the model)
     device: Path | None = None  # device profile: adds each row's predicted latency
     prompt: str | None = None  # default: the first calibration prompt (SD_PROMPTS), or a label model's first label
@@ -159,7 +160,7 @@ def unet_weights_mb(manifest: Manifest) -> float:
 
 def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repeats: int, weights: str, prompt: str,
                     save: str, provider: str = DEFAULT_PROVIDER, precision: str = AUTO_PRECISION,
-                    memory_budget_mb: float | None = None) -> dict:
+                    memory_budget_mb: float | None = None, unet: str = "auto") -> dict:
     """Time ``repeats`` generations of ``schedule``; save the initial and final latents under ``save``.
 
     The cold start comes first: ``import_s`` is this process's age when the runtime is imported and
@@ -171,7 +172,7 @@ def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repea
     plan = resolve_schedule(schedule)
     before, (anon_before, file_before) = rss_mb(), pss_mb()
     pipeline = TimedPipeline(Path(bundle), shared_weights=WEIGHT_MODES[weights], provider=provider,
-                             precision=precision, memory_budget_mb=memory_budget_mb)
+                             precision=precision, memory_budget_mb=memory_budget_mb, unet=unet)
     executor = pipeline.executor(plan)
     options = GenerateOptions(prompt=prompt, seed=seed, steps=len(plan.steps), scheduler=scheduler,
                               guidance=pipeline.manifest.model.default_guidance)
@@ -361,7 +362,7 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
                                  "scheduler": options.scheduler, "seed": options.seed,
                                  "repeats": options.repeats, "weights": options.weights, "prompt": prompt,
                                  "save": str(save), "provider": provider, "precision": precision,
-                                 "memory_budget_mb": options.memory_budget_mb})
+                                 "memory_budget_mb": options.memory_budget_mb, "unet": options.unet})
                 row["schedule"] = plans[index].name
                 row["unet_gmacs"] = total_macs(plans[index], manifest) / 1e9
                 if predicted is not None:
