@@ -31,3 +31,7 @@ class ScheduleError(PostdiffError, ValueError):
 
 class ParityError(PostdiffError):
     """An exported graph does not reproduce its torch reference within tolerance."""
+
+
+class ClusterError(PostdiffError):
+    """Distributed work (`postdiff tune --ray`) cannot go on: workers keep dying, or there are none."""

@@ -13,13 +13,11 @@ from postdiff.cli import build_parser, main
 from postdiff.profiles.tuning import (CHEAPER, FEWER, PAPER, build, candidates, prune_dominated,
                                       tuning_schedules)
 from postdiff.errors import BundleError, InputError
-from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.profiles.presets import resolve_schedule
 from postdiff.runtime.schedule import graph_variants, load_schedule, validate
 from postdiff.profiles.schedule_builder import ScheduleKnobs
 from postdiff.tools import tune as tune_module
 from postdiff.tools.calib_rank import average_ranks, spearman
-from postdiff.tools.profiler import profile_bundle
 from postdiff.tools.tune import TuneCache, TuneOptions, choose, pareto_names, tune
 
 # Candidates the tiny preset bundle (conftest.PRESETS) has graphs for, plus two it lacks.
@@ -36,13 +34,6 @@ def family(knobs: ScheduleKnobs) -> str:
 def space(*names: str):
     by_name = {c.name: c for c in candidates()}
     return tuple(by_name[n] for n in names)
-
-
-@pytest.fixture(scope="module")
-def device(tiny_postdiff_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("device") / "device.json"
-    write_json_atomic(path, profile_bundle(tiny_postdiff_bundle, repeats=2, warmup=1, progress=False))
-    return path
 
 
 # --- the space -----------------------------------------------------------------------------------
@@ -234,6 +225,8 @@ def test_profile_of_another_bundle(tiny_postdiff_bundle: Path, device: Path, tmp
     (("--speedup", "0"), "--speedup 0.0 is not a positive number"),
     (("--speedup", "2", "--calib", "1"), "--calib 1 is too few"),
     (("--speedup", "2", "--workers", "0"), "--workers 0 must be at least 1"),
+    (("--speedup", "2", "--ray-cpus", "2"), "--ray-bundle and --ray-cpus only apply with --ray"),
+    (("--speedup", "2", "--ray-cpus", "0", "--ray"), "--ray-cpus 0 must be at least 1"),
 ])
 def test_cli_errors(tiny_postdiff_bundle: Path, device: Path, tmp_path: Path, capsys, extra, message: str) -> None:
     args = tune_args(tiny_postdiff_bundle, device, tmp_path / "s.json")
