@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 $(BIN)/postdiff: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[export,test]"
+	$(BIN)/pip install --quiet -e ".[export,test,distributed]"
 	touch $@
 
 setup: $(BIN)/postdiff

@@ -51,6 +51,7 @@ import json
 import math
 import multiprocessing
 import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -113,6 +114,8 @@ class TuneReport:
     # skipped candidates, with the dominated and the unmeasured, are in frontier["skipped"])
     fidelity_computed: int = 0  # candidates evaluated in this run (the rest came from the cache)
     latency_computed: int = 0
+    fidelity_s: float = 0.0  # wall time of the fidelity phase (with --ray: connecting and starting workers too)
+    latency_s: float = 0.0  # wall time of the latency phase
     notes: list[str] = field(default_factory=list)
 
 
@@ -479,10 +482,13 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     schedules = [built[c.name] for c in measured]
     workers = options.workers or os.cpu_count() or 1
     ray = None if options.ray is None else replace(options.ray, workers=options.workers)
+    started = time.perf_counter()
     scores, fidelity_computed = evaluate_fidelity(bundle, schedules, built[baseline.name], options.calib,
                                                   options.scheduler, workers, cache, progress, ray)
+    fidelity_s, started = time.perf_counter() - started, time.perf_counter()
     latencies, latency_computed = measure_latency(bundle, schedules, options.timing_runs, options.scheduler, cache,
                                                   progress)
+    latency_s = time.perf_counter() - started
 
     metric = decisive_metric(manifest)
     points = []
@@ -547,8 +553,8 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     plot_frontier(frontier, plot_path)
     return TuneReport(frontier=frontier, chosen=chosen["name"], schedule_path=out, frontier_path=frontier_path,
                       plot_path=plot_path, cache_path=cache_path, missing=missing,
-                      fidelity_computed=fidelity_computed,
-                      latency_computed=latency_computed, notes=notes)
+                      fidelity_computed=fidelity_computed, latency_computed=latency_computed,
+                      fidelity_s=fidelity_s, latency_s=latency_s, notes=notes)
 
 
 def decisive_metric(manifest: Manifest) -> str:
@@ -594,7 +600,7 @@ def format_summary(report: TuneReport) -> str:
                  f"{a['all_mean_abs']:.1%}")
     lines += report.notes
     lines.append(f"computed {report.fidelity_computed} fidelity and {report.latency_computed} latency results "
-                 f"(the rest from {report.cache_path})")
+                 f"(the rest from {report.cache_path}) in {report.fidelity_s:.1f} s and {report.latency_s:.1f} s")
     lines.append(f"chose {report.chosen}; wrote {report.schedule_path}, {report.frontier_path} and "
                  f"{report.plot_path}")
     return "\n".join(lines)
