@@ -61,7 +61,7 @@ def test_ray_gives_the_frontier_and_numbers_of_the_local_pool(tiny_postdiff_bund
     for backend, options in (("pool", None), ("ray", RayOptions(address=cluster))):
         out = tmp_path / backend / "tuned.json"
         out.parent.mkdir()
-        report = tune(TuneOptions(bundle=tiny_postdiff_bundle, device=device, out=out, speedup=1.2, calib=3,
+        report = tune(TuneOptions(bundle=tiny_postdiff_bundle, device=device, out=out, speedup=1.2, calib=2,
                                   workers=2, timing_runs=1, space=space(*PRESET_LIKE), ray=options), progress=False)
         frontiers[backend] = json.loads(report.frontier_path.read_text())
         records = fidelity_lines(report.cache_path)
@@ -121,8 +121,12 @@ def test_a_killed_worker_is_survived_and_the_bundle_travels_by_object_store(
 def test_ctrl_c_leaves_the_cache_consistent_and_a_rerun_computes_only_the_rest(
         tiny_postdiff_bundle: Path, device: Path, tmp_path: Path, cluster: str) -> None:
     out, cache = tmp_path / "tuned.json", tmp_path / "tune-cache.jsonl"
-    command = [sys.executable, "-c", "import sys; from postdiff.cli import main; sys.exit(main(sys.argv[1:]))",
-               "tune", str(tiny_postdiff_bundle), "--device", str(device), "--speedup", "1.2", "--calib", "6",
+    # The command line in a child process, on the tests' small candidate space (as test_tune does it).
+    script = ("import sys; from postdiff.cli import main; from postdiff.tools import tune; "
+              "pool = [c for c in tune.candidates() if c.name in sys.argv[1].split(',')]; "
+              "tune.candidates = lambda steps_full=20: pool; sys.exit(main(sys.argv[2:]))")
+    command = [sys.executable, "-c", script, ",".join(PRESET_LIKE),
+               "tune", str(tiny_postdiff_bundle), "--device", str(device), "--speedup", "1.2", "--calib", "4",
                "--timing-runs", "1", "--out", str(out), "--quiet", "--workers", "2", f"--ray={cluster}"]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -141,8 +145,9 @@ def test_ctrl_c_leaves_the_cache_consistent_and_a_rerun_computes_only_the_rest(
     assert not out.exists()
     wait_for_free_cpus()  # the interrupted run's workers are gone
 
-    report = tune(TuneOptions(bundle=tiny_postdiff_bundle, device=device, out=out, speedup=1.2, calib=6,
-                              timing_runs=1, workers=2, ray=RayOptions(address=cluster)), progress=False)
+    report = tune(TuneOptions(bundle=tiny_postdiff_bundle, device=device, out=out, speedup=1.2, calib=4,
+                              timing_runs=1, workers=2, space=space(*PRESET_LIKE), ray=RayOptions(address=cluster)),
+                  progress=False)
     after = fidelity_lines(cache)
     points = {p["name"] for p in report.frontier["points"]}
     assert len(before) < len(points), "the run finished before Ctrl-C: nothing was interrupted"
