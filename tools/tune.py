@@ -70,7 +70,7 @@ from postdiff.runtime.schedulers import SCHEDULERS
 from postdiff.tools.evaluate import (DigitJudge, Request, SampleSet, fidelity, generate_set, is_digit_model,
                                      requests_for)
 from postdiff.tools.profiler import manifest_digest, predict_ms
-from postdiff.tools.tune_ray import TRANSPORTS, RayOptions
+from postdiff.tools.tune_ray import TRANSPORTS, RayOptions, ray_fidelity  # imports ray only when called
 
 CACHE_NAME = "tune-cache.jsonl"
 FRONTIER_JSON = "frontier.json"
@@ -284,8 +284,6 @@ def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Sc
     requests = requests_for(manifest, calib)
     judged = is_digit_model(manifest)
     if ray is not None:
-        from postdiff.tools.tune_ray import ray_fidelity
-
         stream = ray_fidelity(Path(bundle), digest, todo, reference, requests, scheduler, judged, ray)
         backend, count = "ray", None  # the worker count is known once connected; records name the backend
     else:
