@@ -254,3 +254,30 @@ def test_worker_processes_score_like_the_main_process(tiny_postdiff_bundle: Path
     for name in inline:  # workers run one intra-op thread each: sums may round differently
         assert pooled[name]["psnr_db"] == pytest.approx(inline[name]["psnr_db"], rel=1e-3)
         assert pooled[name]["ssim"] == pytest.approx(inline[name]["ssim"], rel=1e-3, abs=1e-6)
+
+
+class FakeCluster:
+    """What tune_ray.plan reads of a Ray cluster: its nodes' CPUs."""
+
+    def __init__(self, *cpus: int) -> None:
+        self._nodes = [{"Alive": True, "Resources": {"CPU": float(c)}} for c in cpus]
+        self._nodes.append({"Alive": False, "Resources": {"CPU": 64.0}})  # a dead node does not count
+
+    def nodes(self) -> list[dict]:
+        return self._nodes
+
+
+def test_ray_plan_fits_the_workers_to_the_nodes() -> None:
+    from postdiff.errors import ClusterError
+    from postdiff.tools.tune_ray import RayOptions, plan
+
+    assert plan(FakeCluster(2), RayOptions(), 10) == (2, 1)  # one worker per CPU
+    assert plan(FakeCluster(2), RayOptions(workers=1), 10) == (1, 2)  # the CPUs shared out, as the local pool does
+    assert plan(FakeCluster(8), RayOptions(), 3) == (3, 1)  # no more workers than candidates
+    assert plan(FakeCluster(2), RayOptions(workers=5), 10) == (2, 1)  # no more than the nodes hold
+    assert plan(FakeCluster(4, 4), RayOptions(cpus=3), 10) == (2, 3)  # one per node
+    assert plan(FakeCluster(4, 4), RayOptions(workers=1), 10) == (1, 4)  # a worker is at most one node
+    with pytest.raises(InputError, match="--ray-cpus 5: no node of the Ray cluster has that many CPUs"):
+        plan(FakeCluster(4, 4), RayOptions(cpus=5), 10)
+    with pytest.raises(ClusterError, match="no CPUs"):
+        plan(FakeCluster(), RayOptions(), 10)

@@ -181,14 +181,20 @@ def connect(ray: Any, address: str) -> bool:
     return True
 
 
+def alive_cpus(ray: Any) -> list[int]:
+    """The CPU count of every live node of the connected cluster."""
+    return [int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+
+
 def plan(ray: Any, options: RayOptions, candidates: int) -> tuple[int, int]:
     """(workers, CPUs per worker) for ``options`` on the connected cluster, workers capped at what
     its nodes can hold (an actor that cannot be placed would hold its candidate forever)."""
-    node_cpus = [int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    node_cpus = alive_cpus(ray)
     total = sum(node_cpus)
     if total < 1:
         raise ClusterError("the Ray cluster has no CPUs; add a node with `ray start --address HEAD --num-cpus N`")
-    cpus = options.cpus or (max(1, total // options.workers) if options.workers else 1)
+    # By default the workers share the cluster's CPUs equally, a worker at most a whole node.
+    cpus = options.cpus or (max(1, min(max(node_cpus), total // options.workers)) if options.workers else 1)
     capacity = sum(n // cpus for n in node_cpus)
     if capacity < 1:
         raise InputError(f"--ray-cpus {cpus}: no node of the Ray cluster has that many CPUs (the largest has "
@@ -243,6 +249,7 @@ def ray_fidelity(bundle: Path, digest: str, todo: Sequence[Schedule], reference:
             return actor
 
         idle = deque(spawn() for _ in range(workers))
+        live = workers
         queue = deque(todo)
         running: dict[Any, tuple[Any, Schedule]] = {}  # result ref -> (actor, schedule)
         deaths: Counter[str] = Counter()
@@ -267,7 +274,16 @@ def ray_fidelity(bundle: Path, digest: str, todo: Sequence[Schedule], reference:
                     log.warning("Ray worker died while scoring %s; retrying it on another worker", schedule.name)
                     queue.appendleft(schedule)
                     ray.kill(actor, no_restart=True)
-                    idle.append(spawn())  # live idle workers (at the front) take the candidate first
+                    live -= 1
+                    # A replacement only where the cluster still holds one (a node may be gone with the
+                    # worker): an actor that cannot be placed would hold its candidate forever.
+                    if live < sum(n // cpus for n in alive_cpus(ray)):
+                        idle.append(spawn())  # live idle workers (at the front) take the candidate first
+                        live += 1
+                    elif live == 0:
+                        raise ClusterError(f"every Ray worker is gone and the cluster holds no new one of {cpus} "
+                                           "CPUs; restart the nodes (`ray status`) and re-run: the cache keeps "
+                                           "what was finished") from None
                     continue
                 idle.appendleft(actor)
                 yield schedule, scores
