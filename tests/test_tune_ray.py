@@ -77,6 +77,11 @@ def test_ray_gives_the_frontier_and_numbers_of_the_local_pool(tiny_postdiff_bund
         else:  # Ray workers run their own thread count: sums may round differently
             assert q["psnr_db"] == pytest.approx(p["psnr_db"], rel=1e-4)
         assert q["ssim"] == pytest.approx(p["ssim"], rel=1e-4, abs=1e-7)
+    # The cache a Ray run wrote serves a local run: nothing is computed again.
+    again = tune(TuneOptions(bundle=tiny_postdiff_bundle, device=device, out=tmp_path / "again.json", speedup=1.2,
+                             calib=2, workers=2, timing_runs=1, space=space(*PRESET_LIKE),
+                             cache=tmp_path / "ray" / "tune-cache.jsonl"), progress=False)
+    assert again.fidelity_computed == 0 and again.chosen == on_ray["chosen"]
     wait_for_free_cpus()
 
 

@@ -89,7 +89,13 @@ class BundleSource:
         from postdiff.tools.profiler import manifest_digest
 
         path = Path(self.path) if self.path is not None else self._materialize()
-        manifest = load_manifest(path, verify=True)
+        try:
+            manifest = load_manifest(path, verify=True)
+        except BundleError as exc:
+            if self.path is not None:
+                raise
+            raise BundleError(f"{exc} (in the object-store copy on Ray worker {os.uname().nodename}: delete {path} "
+                              "there and re-run)") from None
         found = manifest_digest(manifest)
         if found != self.digest:
             raise BundleError(
