@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --quiet -c constraints.txt
 # Extras installed by `make setup` (CI: everything the tests exercise, tensorrt-rtx's engine builds included).
-EXTRAS ?= export,test,openvino,tensorrt-rtx
+EXTRAS ?= export,test,openvino,tensorrt-rtx,distributed
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup demo test clean

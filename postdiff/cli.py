@@ -279,11 +279,16 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     candidate's latency from the device profile, measure fidelity on calibration samples against the
     20-step baseline, and write the chosen schedule plus frontier.json and frontier.png beside it."""
     from postdiff.tools.tune import TuneOptions, format_summary, tune
+    from postdiff.tools.tune_ray import RayOptions
 
+    if args.ray is None and (args.ray_bundle is not None or args.ray_cpus is not None):
+        raise InputError("--ray-bundle and --ray-cpus only apply with --ray [ADDRESS]; add --ray or drop them")
+    ray = None if args.ray is None else RayOptions(address=args.ray, bundle=args.ray_bundle or "shared",
+                                                   cpus=args.ray_cpus)
     options = TuneOptions(bundle=Path(args.bundle), device=Path(args.device), out=Path(args.out),
                           budget_ms=args.budget_ms, speedup=args.speedup, calib=args.calib, workers=args.workers,
                           scheduler=args.scheduler, timing_runs=args.timing_runs, slack=args.slack,
-                          cache=Path(args.cache) if args.cache else None)
+                          cache=Path(args.cache) if args.cache else None, ray=ray)
     print(format_summary(tune(options, progress=not args.quiet)))
     return EXIT_OK
 
@@ -516,7 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--calib", type=int, default=128, metavar="N",
                       help="calibration samples per candidate (seeds 0..N-1; default: 128 -- on digits, 32 samples did "
                            "not rank candidates as 256 do, 128 did)")
-    tune.add_argument("--workers", type=int, metavar="W", help="processes measuring fidelity (default: one per CPU)")
+    tune.add_argument("--workers", type=int, metavar="W",
+                      help="processes measuring fidelity (default: one per CPU); with --ray, Ray workers (default: as "
+                           "many as the cluster's CPUs hold)")
     tune.add_argument("--scheduler", choices=list(SCHEDULERS),
                       help="sampler to tune for (default: the one the model ships)")
     tune.add_argument("--timing-runs", type=int, default=5, metavar="R",
@@ -528,6 +535,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "for another budget, reuses every result in it")
     tune.add_argument("--out", required=True, metavar="SCHEDULE.json",
                       help="chosen schedule to write (frontier.json and frontier.png go beside it)")
+    tune.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                      help="score fidelity on Ray workers (needs the [distributed] extra): no ADDRESS starts a local "
+                           "Ray instance, `auto` or HOST:6379 / ray://HOST:10001 joins a running cluster. Latency is "
+                           "still predicted from --device and measured here; results stream into the same --cache. "
+                           "Put --ray after the bundle, or write --ray=ADDRESS")
+    tune.add_argument("--ray-bundle", choices=["shared", "store"],
+                      help="how the bundle reaches Ray workers: shared (default) = each node opens the same absolute "
+                           "path (mount it there), store = shipped once through Ray's object store; either way every "
+                           "worker checks its sha256")
+    tune.add_argument("--ray-cpus", type=int, metavar="C",
+                      help="CPUs (and ONNX Runtime threads) per Ray worker (default: the cluster's CPUs / --workers, "
+                           "or 1)")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
     tune.set_defaults(handler=_cmd_tune)
 

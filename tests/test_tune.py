@@ -13,13 +13,11 @@ from postdiff.cli import build_parser, main
 from postdiff.profiles.tuning import (CHEAPER, FEWER, PAPER, build, candidates, prune_dominated,
                                       tuning_schedules)
 from postdiff.errors import BundleError, InputError
-from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.profiles.presets import resolve_schedule
 from postdiff.runtime.schedule import graph_variants, load_schedule, validate
 from postdiff.profiles.schedule_builder import ScheduleKnobs
 from postdiff.tools import tune as tune_module
 from postdiff.tools.calib_rank import average_ranks, spearman
-from postdiff.tools.profiler import profile_bundle
 from postdiff.tools.tune import TuneCache, TuneOptions, choose, pareto_names, tune
 
 # Candidates the tiny preset bundle (conftest.PRESETS) has graphs for, plus two it lacks.
@@ -36,13 +34,6 @@ def family(knobs: ScheduleKnobs) -> str:
 def space(*names: str):
     by_name = {c.name: c for c in candidates()}
     return tuple(by_name[n] for n in names)
-
-
-@pytest.fixture(scope="module")
-def device(tiny_postdiff_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("device") / "device.json"
-    write_json_atomic(path, profile_bundle(tiny_postdiff_bundle, repeats=2, warmup=1, progress=False))
-    return path
 
 
 # --- the space -----------------------------------------------------------------------------------
@@ -234,6 +225,8 @@ def test_profile_of_another_bundle(tiny_postdiff_bundle: Path, device: Path, tmp
     (("--speedup", "0"), "--speedup 0.0 is not a positive number"),
     (("--speedup", "2", "--calib", "1"), "--calib 1 is too few"),
     (("--speedup", "2", "--workers", "0"), "--workers 0 must be at least 1"),
+    (("--speedup", "2", "--ray-cpus", "2"), "--ray-bundle and --ray-cpus only apply with --ray"),
+    (("--speedup", "2", "--ray-cpus", "0", "--ray"), "--ray-cpus 0 must be at least 1"),
 ])
 def test_cli_errors(tiny_postdiff_bundle: Path, device: Path, tmp_path: Path, capsys, extra, message: str) -> None:
     args = tune_args(tiny_postdiff_bundle, device, tmp_path / "s.json")
@@ -261,3 +254,30 @@ def test_worker_processes_score_like_the_main_process(tiny_postdiff_bundle: Path
     for name in inline:  # workers run one intra-op thread each: sums may round differently
         assert pooled[name]["psnr_db"] == pytest.approx(inline[name]["psnr_db"], rel=1e-3)
         assert pooled[name]["ssim"] == pytest.approx(inline[name]["ssim"], rel=1e-3, abs=1e-6)
+
+
+class FakeCluster:
+    """What tune_ray.plan reads of a Ray cluster: its nodes' CPUs."""
+
+    def __init__(self, *cpus: int) -> None:
+        self._nodes = [{"Alive": True, "Resources": {"CPU": float(c)}} for c in cpus]
+        self._nodes.append({"Alive": False, "Resources": {"CPU": 64.0}})  # a dead node does not count
+
+    def nodes(self) -> list[dict]:
+        return self._nodes
+
+
+def test_ray_plan_fits_the_workers_to_the_nodes() -> None:
+    from postdiff.errors import ClusterError
+    from postdiff.tools.tune_ray import RayOptions, plan
+
+    assert plan(FakeCluster(2), RayOptions(), 10) == (2, 1)  # one worker per CPU
+    assert plan(FakeCluster(2), RayOptions(workers=1), 10) == (1, 2)  # the CPUs shared out, as the local pool does
+    assert plan(FakeCluster(8), RayOptions(), 3) == (3, 1)  # no more workers than candidates
+    assert plan(FakeCluster(2), RayOptions(workers=5), 10) == (2, 1)  # no more than the nodes hold
+    assert plan(FakeCluster(4, 4), RayOptions(cpus=3), 10) == (2, 3)  # one per node
+    assert plan(FakeCluster(4, 4), RayOptions(workers=1), 10) == (1, 4)  # a worker is at most one node
+    with pytest.raises(InputError, match="--ray-cpus 5: no node of the Ray cluster has that many CPUs"):
+        plan(FakeCluster(4, 4), RayOptions(cpus=5), 10)
+    with pytest.raises(ClusterError, match="no CPUs"):
+        plan(FakeCluster(), RayOptions(), 10)
