@@ -46,7 +46,8 @@ def with_scheduler(bundle: Path, tmp_path: Path, config: dict) -> Path:
 
 def diffusers_generation(model, scheduler: str, options: GenerateOptions, latents: np.ndarray,
                          height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Final latents and uint8 image from diffusers for the same inputs."""
+    """Final latents and uint8 image from diffusers for the same inputs (the image post-processed by
+    diffusers' own VaeImageProcessor, so that our to_uint8 is checked, not used on both sides)."""
     return diffusers_generate(model, scheduler, options.prompt, options.negative_prompt, options.steps,
                               options.guidance, latents, height, width, seed=options.seed)
 
