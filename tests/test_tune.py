@@ -143,7 +143,8 @@ def test_cache_skips_a_torn_last_line(tmp_path: Path) -> None:
 
 def oracle_psnr(bundle: Path, pool, name: str, calib: int) -> float:
     """Mean PSNR (dB, 8-bit) of candidate ``name``'s images against the 20-step baseline's, generated
-    here request by request and scored with the textbook formula 10 log10(255^2 / MSE)."""
+    here request by request with the shipped sampler (the tuner's default) and scored with the textbook
+    formula 10 log10(255^2 / MSE)."""
     import numpy as np
 
     from postdiff.runtime.pipeline import GenerateOptions, Pipeline
@@ -156,7 +157,7 @@ def oracle_psnr(bundle: Path, pool, name: str, calib: int) -> float:
         images = []
         for schedule in (by_name[name], by_name["t20"]):
             options = GenerateOptions(prompt=SD_PROMPTS[seed % len(SD_PROMPTS)], seed=seed, steps=len(schedule.steps),
-                                      guidance=pipeline.manifest.model.default_guidance, scheduler="ddim")
+                                      guidance=pipeline.manifest.model.default_guidance)
             images.append(pipeline.generate(options, schedule=schedule).image.astype(np.float64))
         values.append(10 * np.log10(255.0 ** 2 / np.mean((images[0] - images[1]) ** 2)))
     return float(np.mean(values))
