@@ -235,7 +235,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Time diffusers against the runtime on the 20-step baseline, and the runtime's baseline against
     faster schedules, in one run on this machine: median wall time, time inside graphs, the runtime's
-    own overhead, speed-ups, peak memory per row, and the final-latent difference from diffusers."""
+    own overhead, speed-ups, peak memory per row, the final-latent difference from diffusers, and
+    with --device the predicted latency and its error."""
     from postdiff.runtime.jsonio import write_json_atomic
     from postdiff.tools.bench import BenchOptions, bench, format_report
 
@@ -484,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="UNet form to time: per-variant graphs or the merged graph of `export --merged` "
                             "(default auto: per-variant graphs where the bundle has them)")
     bench.add_argument("--device", metavar="DEVICE.json",
-                       help="device profile of this bundle: adds each row's predicted latency")
+                       help="device profile of this bundle: adds each row's predicted latency and the "
+                            "prediction error (predicted / measured - 1)")
     bench.add_argument("--provider", action="append", choices=provider_names(),
                        help=f"provider to time; repeatable: the first gives the runtime: rows, each further one the "
                             f"baseline and every schedule again, labelled PROVIDER[-PRECISION]:SCHEDULE (default: "

@@ -18,7 +18,9 @@ reported: ``load_s`` from the child's process start to its first UNet call, ``se
 session creation), then ``repeats`` timed ones: the median wall time of prompt encoding + denoising + decoding. Runtime rows also add up the
 time spent inside graph calls; the rest of the wall time is the runtime's own overhead (numpy
 scheduler steps, guidance, resolution switches, feed checks, tokenizing, image conversion).
-Speed-ups are ratios of medians measured in this one invocation on this one machine.
+Speed-ups are ratios of medians measured in this one invocation on this one machine. With a device
+profile (``--device``), each runtime row also gets the profile's predicted latency and the
+prediction error, predicted / measured - 1.
 """
 
 from __future__ import annotations
@@ -420,6 +422,8 @@ def _report(options: BenchOptions, manifest: Manifest, rows: dict[str, dict], pr
             out["speedup_vs_diffusers"] = round(theirs["wall_s"] / row["wall_s"], 3)
         if "unet_gmacs" in row:
             out["mac_predicted_speedup"] = round(base["unet_gmacs"] / row["unet_gmacs"], 3)
+        if "predicted_ms" in row:  # the device profile's prediction vs this run: + = predicted slower
+            out["prediction_error"] = round(row["predicted_ms"] / (1e3 * row["wall_s"]) - 1, 3)
         if label == f"runtime:{BASELINE}" and theirs is not None:
             out["max_abs_diff_vs_diffusers"] = float(np.max(np.abs(final - theirs["final"])))
         report_rows.append(out)
@@ -455,7 +459,8 @@ def format_report(report: dict) -> str:
     columns = (("wall s", "wall_s", "{:.3f}"), ("graphs s", "graph_s", "{:.3f}"),
                ("overhead", "overhead_pct", "{:.2f}%"), ("vs base", "speedup_vs_baseline", "{:.2f}x"),
                ("vs diff.", "speedup_vs_diffusers", "{:.2f}x"), ("MAC pred.", "mac_predicted_speedup", "{:.2f}x"),
-               ("pred. s", "predicted_ms", "{:.3f}"), ("load s", "load_s", "{:.2f}"),
+               ("pred. s", "predicted_ms", "{:.3f}"), ("pred. err", "prediction_error", "{:+.0%}"),
+               ("load s", "load_s", "{:.2f}"),
                ("sessions s", "sessions_s", "{:.2f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
                ("sess. MB", "sessions_pss_mb", "{:.0f}"), ("x weights", "sessions_x_weights", "{:.2f}"),
                ("precision", "precision", "{}"), ("drift/base", "rel_l2_vs_baseline", "{:.2e}"),
