@@ -85,7 +85,8 @@ def resolve_graphs(manifest: Manifest, schedule: Schedule, unet: str = "auto") -
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ScheduleError(
             f"schedule '{schedule.name}' needs the {describe_variant(missing[0])}{more}, which this bundle lacks"
-            f"{'' if unet == 'variants' else ' (in its merged graph too)'}; {manifest.export_hint()}"
+            f"{' (in its merged graph too)' if unet != 'variants' and manifest.merged_unet else ''}; "
+            f"{manifest.export_hint()}"
             f"{' with --merged' if unet == 'merged' else ''}"
         )
     return found

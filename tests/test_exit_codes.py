@@ -18,7 +18,7 @@ from postdiff import cli
 from postdiff.cli import main
 from test_runtime_is_torch_free import CHECK, FORBIDDEN
 
-COMMANDS = ("export", "generate", "verify", "schedule", "bench", "profile", "tune", "demo")
+COMMANDS = ("export", "generate", "verify", "compile", "check", "schedule", "bench", "profile", "tune", "demo")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +64,8 @@ def bad_input(command: str, tmp: Path) -> list[str]:
         "export": ["export", "random:tiny-sd", "--out", str(tmp / "b"), "--resolution", "abc"],
         "generate": ["generate", missing, "--prompt", "a cat", "--out", str(tmp / "x.png")],
         "verify": ["verify", missing],
+        "compile": ["compile", missing, "--backend", "tensorrt-rtx", "--sm", "86"],
+        "check": ["check", missing, "--provider", "cuda"],
         "schedule": ["schedule", "--steps", "8", "--xattn-gate", "9", "--out", str(tmp / "s.json")],
         "bench": ["bench", "--bundle", missing, "--repeats", "0"],
         "profile": ["profile", missing, "--out", str(tmp / "d.json")],
@@ -149,6 +151,8 @@ INTERRUPT_AT = {
     "export": ("postdiff.exporter.export", "measure_parity"),
     "generate": ("postdiff.runtime.pipeline.Pipeline", "generate"),
     "verify": ("postdiff.runtime.stamp", "verify_bundle"),
+    "compile": ("postdiff.runtime.compile", "compile_bundle"),
+    "check": ("postdiff.tools.check", "check_bundle"),
     "schedule": ("postdiff.profiles.schedule_builder", "build_schedule"),
     "bench": ("postdiff.tools.bench", "bench"),
     "profile": ("postdiff.tools.profiler", "profile_bundle"),
@@ -172,6 +176,8 @@ def test_interrupt_exits_130_and_writes_nothing(capsys, command: str, tiny_bundl
         "export": ["export", "random:tiny-sd", "--out", str(out), "--quiet"],
         "generate": ["generate", str(tiny_bundle), "--prompt", "a cat", "--out", str(out) + ".png", "--quiet"],
         "verify": ["verify", str(tiny_bundle)],
+        "compile": ["compile", str(tiny_bundle), "--backend", "tensorrt-rtx", "--sm", "86", "--quiet"],
+        "check": ["check", str(tiny_bundle), "--provider", "cuda", "--quiet"],
         "schedule": ["schedule", "--preset", "baseline", "--out", str(out)],
         "bench": ["bench", "--bundle", str(tiny_bundle), "--no-diffusers", "--quiet"],
         "profile": ["profile", str(tiny_bundle), "--out", str(out), "--quiet"],

@@ -17,7 +17,7 @@ from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.runners.base import Runner
 from postdiff.profiles.presets import resolve_schedule
 
-SCHEDULERS = ("ddim", "dpmpp-2m", "euler")
+SCHEDULERS = ("ddim", "dpm-solver", "euler")
 
 
 def test_merged_equals_per_variant_graphs_every_preset_every_scheduler(tiny_merged_bundle: Path) -> None:
