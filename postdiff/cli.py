@@ -47,6 +47,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     """Generate an image from a bundle, torch-free (numpy + onnxruntime)."""
     import numpy as np
 
+    from postdiff.runtime.conditioning import SizeConditioning
     from postdiff.runtime.image import save_png
     from postdiff.runtime.pipeline import GenerateOptions, Pipeline
     from postdiff.profiles.presets import resolve_schedule
@@ -61,8 +62,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     latents = _load_latents(Path(args.latents)) if args.latents else None
     pipeline = Pipeline(Path(args.bundle), provider=args.provider)
     guidance = pipeline.manifest.model.default_guidance if args.guidance is None else args.guidance
+    sizes = SizeConditioning(original_size=args.original_size, crop_top_left=args.crop_top_left or (0, 0),
+                             target_size=args.target_size)
+    if pipeline.manifest.sdxl is None and sizes != SizeConditioning():
+        raise InputError("--original-size / --crop-top-left / --target-size are SDXL's size conditioning; this "
+                         "bundle's model has none: drop them")
     options = GenerateOptions(prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed,
-                              steps=steps, guidance=guidance, scheduler=args.scheduler)
+                              steps=steps, guidance=guidance, scheduler=args.scheduler, sizes=sizes)
     started = time.perf_counter()
     result = pipeline.generate(options, latents=latents, progress=not args.quiet, schedule=schedule)
     elapsed = time.perf_counter() - started
@@ -71,6 +77,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         np.save(args.save_latents, result.latents)
     print(f"wrote {out} ({result.image.shape[1]}x{result.image.shape[0]}) in {elapsed:.2f} s")
     return EXIT_OK
+
+
+def _pixel_pair(text: str) -> tuple[int, int]:
+    """``"1024x768"`` -> (1024, 768), for argparse (its error names the flag)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not two whole pixel counts like 1024x1024")
+    return int(parts[0]), int(parts[1])
 
 
 def _load_latents(path: Path):  # -> np.ndarray
@@ -182,8 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     export = sub.add_parser("export", help=_cmd_export.__doc__, description=_cmd_export.__doc__)
-    export.add_argument("model", help="local diffusers folder (SD 1.x/2.x layout) or a built-in spec: "
-                                      "digits (the embedded MNIST model), random:tiny-sd, random:sd15")
+    export.add_argument("model", help="local diffusers folder (SD 1.x/2.x or SDXL layout) or a built-in spec: "
+                                      "digits (the embedded MNIST model), random:tiny-sd, random:sd15, "
+                                      "random:tiny-sdxl, random:sdxl-slim (SDXL's layout at 1/5 width, the "
+                                      "benchmark model), random:sdxl (the full SDXL architecture: a workstation "
+                                      "export, docs/sdxl.md)")
     export.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
     export.add_argument("--resolution", metavar="HxW", help="image size in pixels (default: the model's)")
     export.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="graph precision")
@@ -211,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampler (default: ddim)")
     gen.add_argument("--provider", default="cpu", choices=["cpu", "cuda", "tensorrt"],
                      help="ONNX Runtime execution provider (default: cpu)")
+    gen.add_argument("--original-size", type=_pixel_pair, metavar="HxW",
+                     help="SDXL: original size conditioning in pixels (default: the image size)")
+    gen.add_argument("--crop-top-left", type=_pixel_pair, metavar="YxX",
+                     help="SDXL: crop top-left conditioning in pixels (default: 0x0)")
+    gen.add_argument("--target-size", type=_pixel_pair, metavar="HxW",
+                     help="SDXL: target size conditioning in pixels (default: the image size; a low-resolution "
+                          "stage carries it scaled to its own size, docs/sdxl.md)")
     gen.add_argument("--latents", metavar="NPY", help="initial latents (1, C, h, w) float32 instead of seeded noise")
     gen.add_argument("--save-latents", metavar="NPY", help="also save the final latents")
     gen.add_argument("--out", required=True, help="PNG file to write")
@@ -240,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     sched.set_defaults(handler=_cmd_schedule)
 
     bench = sub.add_parser("bench", help=_cmd_bench.__doc__, description=_cmd_bench.__doc__)
-    bench.add_argument("--model", help="model to export and to run in diffusers: digits, random:tiny-sd, random:sd15 "
+    bench.add_argument("--model", help="model to export and to run in diffusers: digits, random:tiny-sd, random:sd15, "
+                                       "random:tiny-sdxl, random:sdxl-slim "
                                        "or a diffusers folder (default: the bundle's, when it is a built-in)")
     bench.add_argument("--bundle", metavar="DIR",
                        help="bundle to time; if DIR does not exist, --model is exported there with baseline and "

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from postdiff.errors import InputError
+from postdiff.runtime.conditioning import Conditioning, SdxlPromptEncoder, SizeConditioning
 from postdiff.runtime.executor import ScheduleExecutor
 from postdiff.runtime.image import to_uint8
 from postdiff.runtime.manifest import Manifest, load_manifest
@@ -36,6 +37,7 @@ class GenerateOptions:
     steps: int = 20
     guidance: float = 7.5
     scheduler: str = "ddim"
+    sizes: SizeConditioning = SizeConditioning()  # SDXL's micro-conditioning (ignored by SD bundles)
 
     def validate(self) -> None:
         """Raise InputError for values no schedule can run."""
@@ -76,6 +78,7 @@ class Pipeline:
         self._runners: dict[str, Runner] = {}
         self._executors: dict[Schedule, ScheduleExecutor] = {}
         self._threads = threads
+        self._sdxl = SdxlPromptEncoder(self.manifest, self.bundle, self.runner) if self.manifest.sdxl else None
 
     def runner(self, name: str) -> Runner:
         """The runner of graph ``name``, created on first use."""
@@ -138,9 +141,20 @@ class Pipeline:
         latents = latents.astype(decoder.spec.input(LATENTS).dtype, copy=False)
         return to_uint8(decoder.infer({LATENTS: latents})[IMAGE].astype(np.float32, copy=False))
 
+    def conditioning(self, options: GenerateOptions) -> Conditioning:
+        """Everything the UNet is conditioned on, [negative; positive] (SDXL: both encoders, pooled
+        embeddings and size ids; runtime/conditioning.py)."""
+        if self._sdxl is not None:
+            model = self.manifest.model
+            return self._sdxl.pair(options.prompt, options.negative_prompt, options.guidance, options.sizes,
+                                   (model.height, model.width))
+        return Conditioning(self.encode_pair(options))
+
     def encode_pair(self, options: GenerateOptions) -> np.ndarray:
         """[negative; positive] encoder states (2, L, D); both rows carry the prompt when guidance is
         off, so that only the conditional half matters."""
+        if self._sdxl is not None:
+            return self.conditioning(options).context
         positive = self.encode_prompt(options.prompt)
         negative = self.encode_prompt(options.negative_prompt) if options.guidance > 1.0 else positive
         return np.concatenate([negative, positive])
@@ -158,5 +172,5 @@ class Pipeline:
         shape = executor.first_latent_shape()
         latents = self.initial_latents(options.seed, shape) if latents is None else self.check_latents(latents, shape)
         scheduler = make_scheduler(options.scheduler, self.manifest.scheduler)
-        final = executor.run(scheduler, latents, self.encode_pair(options), options.guidance, options.seed, progress)
+        final = executor.run(scheduler, latents, self.conditioning(options), options.guidance, options.seed, progress)
         return Generation(latents=final, image=self.decode(final)[0])
