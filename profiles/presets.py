@@ -33,6 +33,13 @@ PRESETS: dict[str, tuple[ScheduleKnobs, str]] = {
         "PostDiff with beta = 3/4 (the paper's setting for SDXL and PixArt-alpha): first 10 of 20 steps at 3/4 "
         "side length, DeepCache interval 2 (branch 1), cross-attention gate_step 5 (5 guided steps, Cond)",
     ),
+    "postdiff-sdxl": (
+        ScheduleKnobs(steps=20, low_res=((0.75, 10),), deepcache_interval=2, deepcache_branch=0, xattn_gate=5,
+                      xattn_mode="cond"),
+        "PostDiff on SDXL (ICCV 2025: beta = 3/4): first 10 of 20 steps at 3/4 side length, DeepCache interval 2 "
+        "on branch 0 (cache_branch_id 0, as DeepCache's and T-GATE's SDXL settings), cross-attention gate_step 5 "
+        "(T-GATE's count: 5 guided steps) caching the conditional maps; size ids per stage: docs/sdxl.md",
+    ),
 }
 
 
