@@ -56,8 +56,7 @@ def test_manifest_carries_what_the_runtime_needs(sdxl_bundle: Path) -> None:
                                                 names.DEEP_FEATURE]
 
 
-@pytest.mark.parametrize("negative", ["", "blurry"], ids=["zeroed-negative", "negative"])
-@pytest.mark.parametrize("scheduler", sorted(DIFFUSERS_SCHEDULERS))
+@pytest.mark.parametrize("scheduler,negative", [(s, "") for s in sorted(DIFFUSERS_SCHEDULERS)] + [("ddim", "blurry")])
 def test_generation_matches_stable_diffusion_xl_pipeline(sdxl_bundle: Path, sdxl_model, scheduler: str,
                                                          negative: str) -> None:
     pipeline = Pipeline(sdxl_bundle)
@@ -184,6 +183,27 @@ def test_branches_are_numbered_as_deepcache_numbers_them(sdxl_model, branch: int
     full = unet(second[0], second[1], **kwargs(second)).sample
     assert float((ours - theirs).abs().max()) <= 1e-5
     assert float((theirs - full).abs().max()) > 1e-4  # the cached step really differs from a full one
+
+
+@pytest.mark.parametrize("branch", [4, 5, 7])
+def test_xattn_maps_replay_across_transformer_depths(sdxl_model, branch: int) -> None:
+    """Shallow parts that hold transformers of SDXL's depths: replaying the written attn2 maps (one per
+    transformer block, depth 1 or 2 here) gives what computing them gives."""
+    unet = sdxl_model.unet
+    inputs = dict(zip([names.SAMPLE, names.TIMESTEP, names.CONTEXT, names.TEXT_EMBEDS, names.TIME_IDS],
+                      _unet_inputs(2)))
+    write = LayeredUNet(unet, LayerPlan(deep="write", branch=branch, xattn="write"))
+    with torch.no_grad():
+        outputs = dict(zip(write.output_names, write(*(inputs[n] for n in write.input_names))))
+        plain = LayeredUNet(unet, LayerPlan(deep="read", branch=branch))
+        feed = {**inputs, **outputs}
+        computed = plain(*(feed[n] for n in plain.input_names))[0]
+        replay = LayeredUNet(unet, LayerPlan(deep="read", branch=branch, xattn="read"))
+        replayed = replay(*(feed[n] for n in replay.input_names))[0]
+    maps = [n for n in replay.input_names if n.startswith(names.XATTN_PREFIX)]
+    assert maps and names.CONTEXT not in replay.input_names
+    assert any(".transformer_blocks.1." in n for n in maps) == (branch >= 6)  # depth 2 from up_blocks.0 on
+    assert float((replayed - computed).abs().max()) <= 1e-5
 
 
 def test_sdxl_folder_round_trip(sdxl_model, tmp_path: Path) -> None:
