@@ -90,17 +90,7 @@ def random_sdxl(name: str) -> LoadedModel:
                                                  hidden_act="quick_gelu"))
     text_encoder_2 = CLIPTextModelWithProjection(_encoder_config(
         tokenizer_2, vocab, width_2, layers[1], spec["encoder_heads"][1], hidden_act="gelu", projection_dim=width_2))
-    channels, depths = spec["channels"], spec["depths"]
-    unet = UNet2DConditionModel(
-        sample_size=spec["sample_size"], in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=depths, attention_head_dim=spec["heads"], use_linear_projection=True,
-        cross_attention_dim=width_1 + width_2, addition_embed_type="text_time",
-        addition_time_embed_dim=spec["time_dim"], projection_class_embeddings_input_dim=width_2 + 6 * spec["time_dim"],
-        norm_num_groups=spec["groups"],
-    )
+    unet = UNet2DConditionModel(**unet_config(name))
     vae_widths = spec["vae"]
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=vae_widths, layers_per_block=2 if
@@ -111,6 +101,22 @@ def random_sdxl(name: str) -> LoadedModel:
     )
     return finish_sdxl(name, tokenizer, text_encoder, tokenizer_2, text_encoder_2, unet, vae,
                        SDXL_SCHEDULER_CONFIG, force_zeros=True)
+
+
+def unet_config(name: str) -> dict[str, Any]:
+    """The ``UNet2DConditionModel`` configuration of built-in ``name``: SDXL's block layout at its widths."""
+    spec = _SPECS[name]
+    width_1, width_2 = spec["encoders"]
+    return dict(
+        sample_size=spec["sample_size"], in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=spec["channels"],
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=spec["depths"], attention_head_dim=spec["heads"], use_linear_projection=True,
+        cross_attention_dim=width_1 + width_2, addition_embed_type="text_time",
+        addition_time_embed_dim=spec["time_dim"], projection_class_embeddings_input_dim=width_2 + 6 * spec["time_dim"],
+        norm_num_groups=spec["groups"],
+    )
 
 
 def _encoder_config(tokenizer: CLIPTokenizer, vocab: int, width: int, layers: int, heads: int,

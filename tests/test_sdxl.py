@@ -247,3 +247,19 @@ def test_cli_size_flags(capsys, sdxl_bundle: Path, tiny_bundle: Path, tmp_path: 
     with pytest.raises(SystemExit) as exc:
         main([args[0], str(sdxl_bundle), "--prompt", "x", "--target-size", "big", "--out", str(tmp_path / "y.png")])
     assert exc.value.code == 2
+
+
+def test_meta_device_macs_equal_the_exported_graphs(sdxl_bundle: Path) -> None:
+    """tools/arch_macs (no weights, no export: what the full SDXL's figures come from) counts what the
+    exporter counts on the ONNX graphs, variant by variant."""
+    from postdiff.runtime.executor import concrete
+    from postdiff.runtime.schedule import graph_variants
+    from postdiff.tools.arch_macs import ArchMacs
+
+    manifest = Pipeline(sdxl_bundle).manifest
+    counter = ArchMacs("random:tiny-sdxl")
+    variants = {v for name in SDXL_SCHEDULES for v in graph_variants(resolve_schedule(name))}
+    assert len(variants) >= 10
+    for variant in variants:
+        exported = manifest.graph(manifest.unet_graph(concrete(manifest, variant))).macs
+        assert counter.variant(variant) == exported, variant
