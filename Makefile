@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip install --quiet -c constraints.txt
+# Extras installed by `make setup` (CI: everything the tests exercise, tensorrt-rtx's engine builds included).
+EXTRAS ?= export,test,openvino,tensorrt-rtx,distributed
 export HF_HUB_OFFLINE := 1
 
 .PHONY: setup demo test clean
@@ -13,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 $(BIN)/postdiff: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch
-	$(PIP) -e ".[export,test,openvino]"
+	$(PIP) -e ".[$(EXTRAS)]"
 	touch $@
 
 setup: $(BIN)/postdiff

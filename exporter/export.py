@@ -21,22 +21,25 @@ import postdiff
 from postdiff.exporter.bundle import publish, staging_folder
 from postdiff.exporter.macs import count_macs
 from postdiff.exporter.lora import check_lora_scale, fuse_lora
+from postdiff.exporter.merge import BranchGraph, merge_branches, merged_output_name, tensor_specs
 from postdiff.exporter.models import LoadedModel, load_model
 from postdiff.exporter.options import ExportOptions, check_options, source_id
 from postdiff.exporter.scheduler_config import normalize_config, scheduler_class
 from postdiff.exporter.trace import (OPSET, GraphPlan, export_onnx, half_precision, text_and_decoder_plans,
                                      unet_plan)
-from postdiff.exporter.verify import FP16_TOLERANCE, FP32_TOLERANCE, measure_parity
+from postdiff.exporter.verify import FP16_TOLERANCE, FP32_TOLERANCE, measure_merged_parity, measure_parity
 from postdiff.exporter.weights import WeightStore
 from postdiff.runtime import names
 from postdiff.errors import InputError
-from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, ModelInfo, SdxlConditioning, SharedWeights,
-                                       TensorSpec, TokenizerSpec, UNetVariant, sha256_file)
+from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, MergedUNet, ModelInfo, SdxlConditioning,
+                                       ServedVariant, SharedWeights, TensorSpec, TokenizerSpec, UNetVariant,
+                                       sha256_file)
 from postdiff.runtime.executor import at_latent
 from postdiff.profiles.presets import resolve_schedule
 from postdiff.runtime.schedule import PLAIN, PLAIN_UNGUIDED, Schedule, graph_variants
 
 UNET_WEIGHTS = "unet.weights"
+MERGED_UNET = "unet-merged"  # graph name of the merged UNet (exporter/merge.py)
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_2_FILE = "tokenizer_2.json"
 
@@ -118,6 +121,11 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
                 bar.set_postfix_str(plan.name)
                 precision = "fp32" if plan.role in full_precision else options.precision
                 graphs[plan.name] = _export_graph(plan, stage, Path(scratch), precision, store)
+            if options.merged:
+                unet_plans = [p for p in plans if p.role == names.UNET]
+                bar.set_postfix_str(MERGED_UNET)
+                graphs[MERGED_UNET] = _export_merged(model, unet_plans, graphs, stage, Path(scratch),
+                                                     options.precision, store)
         manifest = Manifest(
             format_version=FORMAT_VERSION,
             producer={"postdiff": postdiff.__version__, "torch": torch.__version__.split("+")[0],
@@ -164,6 +172,67 @@ def _export_graph(plan: GraphPlan, stage: Path, scratch: Path, precision: str, s
         outputs=tuple(_tensor_spec(v) for v in graph.graph.output),
         precision=precision, parity=parity, macs=macs, variant=plan.variant, initializers=initializers,
     )
+
+
+def _export_merged(model: LoadedModel, plans: list[GraphPlan], graphs: dict[str, GraphSpec], stage: Path,
+                   scratch: Path, precision: str, store: WeightStore) -> GraphSpec:
+    """The merged UNet graph (exporter/merge.py): one dynamic-shape trace per cache role, merged as ``If``
+    branches over the shared weights, then checked against torch at every concrete variant it serves."""
+    roles: dict[tuple[str, int, str], GraphPlan] = {}
+    for plan in plans:  # one branch per role, traced at the first variant that has it
+        roles.setdefault((plan.variant.deep, plan.variant.branch, plan.variant.xattn), plan)
+    branches = []
+    for (deep, branch, xattn), plan in roles.items():
+        dynamic = unet_plan(model, plan.variant, dynamic=True)
+        if precision == "fp16":
+            dynamic = half_precision(dynamic)
+        export_onnx(dynamic, scratch / "branch.onnx")
+        graph = onnx.load(str(scratch / "branch.onnx"), load_external_data=True)
+        branches.append(BranchGraph(deep, branch, xattn, graph, store.externalize(graph)))
+        for leftover in scratch.iterdir():
+            leftover.unlink()
+    merged, branch_specs, initializers = merge_branches(branches)
+    branches.clear()  # the traced graphs are no longer needed (SD scale: the weights in memory)
+    path = stage / f"{MERGED_UNET}.onnx"
+    onnx.save_model(merged, str(path))
+    index = {role: i for i, role in enumerate(roles)}
+    output_names = {o.name: merged_output_name(o.name) for p in plans for o in graphs[p.name].outputs}
+    inputs, outputs = tensor_specs(merged.graph.input), tensor_specs(merged.graph.output)
+    selector = merged.graph.input[0].name if len(branch_specs) > 1 else ""
+    tolerance = FP16_TOLERANCE if precision == "fp16" else FP32_TOLERANCE
+    references = {t.name: (t, graphs[p.name].variant) for p in plans for t in (*graphs[p.name].inputs,
+                                                                                *graphs[p.name].outputs)}
+    serves = []
+    for plan in plans:
+        spec = graphs[plan.name]
+        branch = index[(plan.variant.deep, plan.variant.branch, plan.variant.xattn)]
+        taken = {t.name for t in spec.inputs}
+        placeholders = tuple(_natural_spec(*references[t.name], plan.variant) for t in inputs
+                             if t.name not in taken and t.name != selector)
+        parity = measure_merged_parity(plan, path, placeholders, selector, branch, output_names, tolerance)
+        serves.append(ServedVariant(variant=plan.variant, branch=branch, inputs=spec.inputs, outputs=spec.outputs,
+                                    parity=parity, macs=spec.macs, placeholders=placeholders))
+    worst = max((s.parity for s in serves), key=lambda p: p.max_abs_diff)
+    return GraphSpec(
+        file=path.name, sha256=sha256_file(path), role=names.UNET, inputs=inputs, outputs=outputs,
+        precision=precision, parity=worst, macs=max(s.macs for s in serves), initializers=initializers,
+        merged=MergedUNet(selector=selector, branches=branch_specs, serves=tuple(serves), output_names=output_names),
+    )
+
+
+def _natural_spec(reference: TensorSpec, at: UNetVariant, variant: UNetVariant) -> TensorSpec:
+    """``reference`` (a tensor's shape in the variant ``at``) scaled to ``variant``'s batch and latent size
+    along its free axes (names.free_axes)."""
+    (h0, w0), (h, w) = at.latent, variant.latent
+    factor = {"batch": (variant.batch, at.batch), "height": (h, h0), "width": (w, w0), "tokens": (h * w, h0 * w0)}
+    shape = list(reference.shape)
+    for axis, kind in names.free_axes(reference.name).items():
+        num, den = factor[kind]
+        if (shape[axis] * num) % den:
+            raise InputError(f"tensor {reference.name} of shape {reference.shape} at latent {at.latent} does not scale "
+                             f"to latent {variant.latent}; export the resolutions separately")
+        shape[axis] = shape[axis] * num // den if kind != "batch" else num
+    return TensorSpec(name=reference.name, shape=tuple(shape), dtype=reference.dtype)
 
 
 def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:

@@ -40,6 +40,7 @@ class ExportOptions:
     tuning_space: bool = False  # also every variant `postdiff tune` may pick (profiles/tuning.py)
     lora: str | None = None  # a LoRA .safetensors file fused into the weights before tracing
     lora_scale: float = 1.0
+    merged: bool = False  # also the merged UNet graph: every variant as If branches over one set of weights
 
 
 def parse_resolution(text: str) -> tuple[int, int]:

@@ -285,6 +285,8 @@ def diffusers_generate(model: LoadedModel, scheduler_name: str, prompt: str, neg
     run the same loop on the diffusers UNet and scheduler: scale the duplicated sample, one batch-2
     UNet call, classifier-free guidance, scheduler step. ``steps`` is diffusers' num_inference_steps;
     ``seed`` seeds the noise of the stochastic samplers as the runtime does (:func:`seeded_noise`).
+    The image is diffusers' own post-processing of the decoded pixels
+    (``VaeImageProcessor.postprocess``), never the runtime's.
     """
     scheduler = diffusers_scheduler(scheduler_name, model.scheduler_config)
     with seeded_noise(scheduler_name, seed):
@@ -294,8 +296,7 @@ def diffusers_generate(model: LoadedModel, scheduler_name: str, prompt: str, neg
 def _diffusers_generate(model: LoadedModel, scheduler, prompt: str, negative_prompt: str, steps: int, guidance: float,
                         latents: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     from diffusers import StableDiffusionPipeline
-
-    from postdiff.runtime.image import to_uint8
+    from diffusers.image_processor import VaeImageProcessor
 
     if model.labels:
         context = encode_pair(model, prompt, negative_prompt, guidance)
@@ -306,13 +307,13 @@ def _diffusers_generate(model: LoadedModel, scheduler, prompt: str, negative_pro
             uncond, cond = model.unet(batch, t, encoder_hidden_states=context, return_dict=False)[0].chunk(2)
             eps = uncond + guidance * (cond - uncond) if guidance > 1.0 else cond
             x = scheduler.step(eps, t, x, return_dict=False)[0]
-        return x.numpy(), to_uint8(x.numpy())[0]
+        return x.numpy(), _postprocessed(VaeImageProcessor(), x)
     if model.is_sdxl:
         pipe = sdxl_pipeline(model, scheduler)
         final = pipe(prompt, negative_prompt=negative_prompt or None, height=height, width=width,
                      num_inference_steps=steps, guidance_scale=guidance, latents=torch.from_numpy(latents),
                      output_type="latent").images
-        return final.numpy(), to_uint8(decode_latents(model, final).numpy())[0]
+        return final.numpy(), _postprocessed(pipe.image_processor, decode_latents(model, final))
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                                    unet=model.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -320,7 +321,14 @@ def _diffusers_generate(model: LoadedModel, scheduler, prompt: str, negative_pro
     final = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width, num_inference_steps=steps,
                  guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="latent").images
     decoded = model.vae.decode(final / model.vae.config.scaling_factor, return_dict=False)[0]
-    return final.numpy(), to_uint8(decoded.numpy())[0]
+    return final.numpy(), _postprocessed(pipe.image_processor, decoded)
+
+
+def _postprocessed(processor, decoded: torch.Tensor) -> np.ndarray:
+    """The first image of ``decoded`` (N, C, H, W) in [-1, 1] as diffusers' pipelines return it
+    (``postprocess(..., output_type="pil")``), as uint8 (H, W, C)."""
+    pixels = np.asarray(processor.postprocess(decoded, output_type="pil")[0])
+    return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 @torch.no_grad()

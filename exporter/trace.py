@@ -82,6 +82,7 @@ class GraphPlan:
     inputs: dict[str, torch.Tensor]
     outputs: tuple[str, ...]
     variant: UNetVariant | None = None
+    dynamic: bool = False  # batch and spatial sides left free (the branches of the merged UNet)
 
 
 def text_and_decoder_plans(model: LoadedModel, height: int, width: int) -> list[GraphPlan]:
@@ -102,8 +103,9 @@ def text_and_decoder_plans(model: LoadedModel, height: int, width: int) -> list[
     return plans
 
 
-def unet_plan(model: LoadedModel, variant: UNetVariant) -> GraphPlan:
-    """The UNet graph computing ``variant``, with seeded example inputs (timestep 500)."""
+def unet_plan(model: LoadedModel, variant: UNetVariant, dynamic: bool = False) -> GraphPlan:
+    """The UNet graph computing ``variant``, with seeded example inputs (timestep 500); ``dynamic``:
+    traced at ``variant``'s shapes but with batch and spatial sides free (:func:`dynamic_axes`)."""
     module = LayeredUNet(model.unet, LayerPlan(deep=variant.deep, branch=variant.branch, xattn=variant.xattn))
     generator = torch.Generator().manual_seed(0)
     example = module.example_inputs(variant.batch, variant.latent[0], variant.latent[1],
@@ -115,7 +117,15 @@ def unet_plan(model: LoadedModel, variant: UNetVariant) -> GraphPlan:
         inputs[names.TIME_IDS] = torch.tensor([[side_h, side_w, 0, 0, side_h, side_w]] * variant.batch,
                                               dtype=torch.float32)
     name = names.unet_graph_name(variant.latent, variant.batch, variant.deep, variant.branch, variant.xattn)
-    return GraphPlan(name, names.UNET, module, inputs, tuple(module.output_names), variant)
+    return GraphPlan(name, names.UNET, module, inputs, tuple(module.output_names), variant, dynamic)
+
+
+def dynamic_axes(tensor: str) -> dict[int, str]:
+    """The free axes of a UNet tensor in a dynamic trace: batch everywhere, height and width of the
+    latent-shaped tensors, the token count of the cross-attention maps. Every axis gets its own
+    symbol (``tensor#axis``): TensorRT's parser takes two equal symbols to mean equal sides, which a
+    placeholder fed to an unused input would break."""
+    return {axis: f"{tensor}#{axis}" for axis in names.free_axes(tensor)}
 
 
 def half_precision(plan: GraphPlan) -> GraphPlan:
@@ -125,14 +135,16 @@ def half_precision(plan: GraphPlan) -> GraphPlan:
     plan.module.half()
     keep = (names.TIMESTEP, names.TIME_IDS)
     inputs = {k: v.half() if v.is_floating_point() and k not in keep else v for k, v in plan.inputs.items()}
-    return GraphPlan(plan.name, plan.role, plan.module, inputs, plan.outputs, plan.variant)
+    return GraphPlan(plan.name, plan.role, plan.module, inputs, plan.outputs, plan.variant, plan.dynamic)
 
 
 def export_onnx(plan: GraphPlan, path: Path) -> None:
     """Trace ``plan.module`` into ``path`` (weights may land in side files if > 2 GB)."""
+    axes = {name: dynamic_axes(name) for name in (*plan.inputs, *plan.outputs)} if plan.dynamic else None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about python control flow on static shapes
         torch.onnx.export(
             plan.module, tuple(plan.inputs.values()), str(path), input_names=list(plan.inputs),
             output_names=list(plan.outputs), opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            dynamic_axes=axes,
         )

@@ -49,7 +49,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     resolution = parse_resolution(args.resolution) if args.resolution else None
     options = ExportOptions(source=args.model, out=Path(args.out), resolution=resolution, precision=args.precision,
                             schedules=tuple(args.schedule or ()), tuning_space=args.tuning_space,
-                            lora=args.lora, lora_scale=args.lora_scale)
+                            lora=args.lora, lora_scale=args.lora_scale, merged=args.merged)
     check_options(options)  # before torch and diffusers, which take seconds to import
     from postdiff.exporter.export import export_bundle
 
@@ -210,10 +210,48 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_compile(args: argparse.Namespace) -> int:
+    """Build the TensorRT engines a bundle's schedules run into BUNDLE/engines/ (listed in engines.json;
+    an engine whose cache key is unchanged is reused, so a second run builds nothing). The UNet becomes
+    one engine from the merged graph (`export --merged`): its cache roles are If branches and every
+    resolution and batch is an optimization profile, so the weights are held once. Where to run it:
+    --backend tensorrt (Jetson, any TensorRT 10 GPU) builds for the GPU it runs on, so run it on the
+    device itself; --backend tensorrt-rtx (RTX GPUs) builds anywhere, even without a GPU, for the
+    compute capability --sm names (75, 80, 86, 89, 120, 121)."""
+    from postdiff.profiles.presets import resolve_schedule
+    from postdiff.runtime.compile import CompileOptions, compile_bundle
+
+    options = CompileOptions(bundle=Path(args.bundle), backend=args.backend, sm=args.sm,
+                             schedules=tuple(resolve_schedule(s) for s in args.schedule or ()), unet=args.unet,
+                             opt_level=args.opt_level)
+    started = time.perf_counter()
+    report = compile_bundle(options, progress=not args.quiet)
+    for name, entry in sorted(report.index.engines.items()):
+        state = "built" if name in report.built else "reused"
+        print(f"{state:6} {entry.file}: {entry.bytes / 1e6:.1f} MB, serves {len(entry.serves)} variant(s)"
+              + (f", {len(entry.profiles)} profile(s)" if entry.profiles else "")
+              + (f", {entry.build_seconds:.1f} s" if state == "built" else ""))
+    print(f"{report.index.backend} {report.index.backend_version} for {report.index.target}: built "
+          f"{len(report.built)}, reused {len(report.reused)} in {time.perf_counter() - started:.1f} s; "
+          f"see {Path(args.bundle) / 'engines' / 'engines.json'}")
+    return EXIT_OK
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Check a GPU provider against ONNX Runtime CPU on this machine: every graph on the same seeded
+    inputs (max abs/rel difference, fp32 and fp16 tolerances), the bundle's schedules end to end,
+    per-graph latency and peak device memory. Needs a CUDA GPU; exit 1 if anything is out of tolerance."""
+    from postdiff.tools.check import check_bundle, format_report
+
+    print(format_report(check_bundle(Path(args.bundle), args.provider, progress=not args.quiet)))
+    return EXIT_OK
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Time diffusers against the runtime on the 20-step baseline, and the runtime's baseline against
     faster schedules, in one run on this machine: median wall time, time inside graphs, the runtime's
-    own overhead, speed-ups, peak memory per row, and the final-latent difference from diffusers."""
+    own overhead, speed-ups, peak memory per row, the final-latent difference from diffusers, and
+    with --device the predicted latency and its error."""
     from postdiff.runtime.jsonio import write_json_atomic
     from postdiff.tools.bench import BenchOptions, bench, format_report
 
@@ -227,7 +265,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         schedules=tuple(args.schedule or ("postdiff-sd15",)), resolution=resolution, scheduler=args.scheduler,
         seed=args.seed, repeats=args.repeats, weights=args.weights, diffusers=not args.no_diffusers,
         device=Path(args.device) if args.device else None, prompt=args.prompt, memory_budget_mb=args.memory_budget,
-        providers=tuple(args.provider or (DEFAULT_PROVIDER,)), precisions=tuple(args.precision or (AUTO_PRECISION,)))
+        unet=args.unet, providers=tuple(args.provider or (DEFAULT_PROVIDER,)), precisions=tuple(args.precision or (AUTO_PRECISION,)))
     report = bench(options, progress=not args.quiet)
     print(format_report(report))
     if args.json:
@@ -257,11 +295,16 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     candidate's latency from the device profile, measure fidelity on calibration samples against the
     20-step baseline, and write the chosen schedule plus frontier.json and frontier.png beside it."""
     from postdiff.tools.tune import TuneOptions, format_summary, tune
+    from postdiff.tools.tune_ray import RayOptions
 
+    if args.ray is None and (args.ray_bundle is not None or args.ray_cpus is not None):
+        raise InputError("--ray-bundle and --ray-cpus only apply with --ray [ADDRESS]; add --ray or drop them")
+    ray = None if args.ray is None else RayOptions(address=args.ray, bundle=args.ray_bundle or "shared",
+                                                   cpus=args.ray_cpus)
     options = TuneOptions(bundle=Path(args.bundle), device=Path(args.device), out=Path(args.out),
                           budget_ms=args.budget_ms, speedup=args.speedup, calib=args.calib, workers=args.workers,
                           scheduler=args.scheduler, timing_runs=args.timing_runs, slack=args.slack,
-                          cache=Path(args.cache) if args.cache else None)
+                          cache=Path(args.cache) if args.cache else None, ray=ray)
     print(format_summary(tune(options, progress=not args.quiet)))
     return EXIT_OK
 
@@ -295,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used to render --help). Choices come from the registries."""
     from postdiff.exporter.options import BUILTIN_SPECS, PRECISIONS
     from postdiff.profiles.presets import preset_names
+    from postdiff.runtime.engines import BACKENDS
+    from postdiff.runtime.executor import UNET_FORMS
     from postdiff.runtime.schedule import XATTN_MODES
     from postdiff.runtime.schedulers import SCHEDULERS
     from postdiff.tools.bench import WEIGHT_MODES
@@ -328,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "exported weights")
     export.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
                         help="strength of the fused LoRA, as diffusers' fuse_lora(lora_scale=S) (default: 1.0)")
+    export.add_argument("--merged", action="store_true",
+                        help="also export the merged UNet graph: every variant as an If branch over one set of "
+                             "weights, batch and spatial sides free; `postdiff compile` builds TensorRT engines "
+                             "from it that hold the weights once (docs/tensorrt.md)")
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(handler=_cmd_export)
 
@@ -361,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--target-size", type=_pixel_pair, metavar="HxW",
                      help="SDXL: target size conditioning in pixels (default: the image size; a low-resolution "
                           "stage carries it scaled to its own size, docs/sdxl.md)")
+    gen.add_argument("--unet", default="auto", choices=UNET_FORMS,
+                     help="UNet form to run: per-variant graphs or the merged graph of `export --merged` "
+                          "(default auto: per-variant graphs where the bundle has them)")
     gen.add_argument("--latents", metavar="NPY", help="initial latents (1, C, h, w) float32 instead of seeded noise")
     gen.add_argument("--save-latents", metavar="NPY", help="also save the final latents")
     gen.add_argument("--out", required=True, help="image file to write: .png, or .jpg/.jpeg (JPEG quality 95)")
@@ -375,6 +427,33 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help=_cmd_verify.__doc__, description=_cmd_verify.__doc__)
     ver.add_argument("bundle", help="bundle folder written by `postdiff export`")
     ver.set_defaults(handler=_cmd_verify)
+
+    comp = sub.add_parser("compile", help=_cmd_compile.__doc__.split(". ")[0], description=_cmd_compile.__doc__)
+    comp.add_argument("bundle", help="bundle folder written by `postdiff export` (with --merged for one UNet engine)")
+    comp.add_argument("--backend", default="tensorrt", choices=list(BACKENDS),
+                      help="tensorrt: TensorRT 10 (Jetson's JetPack, datacenter GPUs), on the device; tensorrt-rtx: "
+                           "TensorRT-RTX (pip install 'postdiff[tensorrt-rtx]'), anywhere with --sm (default: tensorrt)")
+    comp.add_argument("--sm", type=int, metavar="CC",
+                      help="compute capability to build for, tensorrt-rtx only: 75, 80, 86, 89, 120, 121 "
+                           "(e.g. 86 = RTX 30xx/A-series)")
+    comp.add_argument("--schedule", action="append", metavar="SCHEDULE",
+                      help="schedule (preset or file) whose variants the engines serve; repeatable (default: every "
+                           "UNet variant the bundle holds, i.e. those of the schedules it was exported for)")
+    comp.add_argument("--unet", default="auto", choices=UNET_FORMS,
+                      help="merged: one UNet engine from the merged graph; variants: one engine per UNet graph, "
+                           "each with its own copy of the weights (default auto: merged when the bundle has it)")
+    comp.add_argument("--opt-level", type=int, metavar="N",
+                      help="TensorRT builder optimization level 0-5: lower builds faster, runs slower (default: the "
+                           "builder's, 3); part of the cache key")
+    comp.add_argument("--quiet", action="store_true", help="no progress bars")
+    comp.set_defaults(handler=_cmd_compile)
+
+    chk = sub.add_parser("check", help=_cmd_check.__doc__.split(": ")[0], description=_cmd_check.__doc__)
+    chk.add_argument("bundle", help="bundle folder (for tensorrt: compiled with `postdiff compile` on this machine)")
+    chk.add_argument("--provider", required=True, choices=["tensorrt", "cuda"],
+                     help="tensorrt: postdiff's TensorRT runner; cuda: ONNX Runtime's CUDA provider")
+    chk.add_argument("--quiet", action="store_true", help="no progress bars")
+    chk.set_defaults(handler=_cmd_check)
 
     sched = sub.add_parser("schedule", help=_cmd_schedule.__doc__, description=_cmd_schedule.__doc__)
     sched.add_argument("--preset", help=f"start from a preset ({', '.join(preset_names())}); "
@@ -426,8 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--weights", default="auto", choices=WEIGHT_MODES,
                        help="how UNet sessions hold the weights (default auto: shared when the bundle has several "
                             "UNet graphs, as `postdiff generate` does)")
+    bench.add_argument("--unet", default="auto", choices=UNET_FORMS,
+                       help="UNet form to time: per-variant graphs or the merged graph of `export --merged` "
+                            "(default auto: per-variant graphs where the bundle has them)")
     bench.add_argument("--device", metavar="DEVICE.json",
-                       help="device profile of this bundle: adds each row's predicted latency")
+                       help="device profile of this bundle: adds each row's predicted latency and the "
+                            "prediction error (predicted / measured - 1)")
     bench.add_argument("--provider", action="append", choices=provider_names(),
                        help=f"provider to time; repeatable: the first gives the runtime: rows, each further one the "
                             f"baseline and every schedule again, labelled PROVIDER[-PRECISION]:SCHEDULE (default: "
@@ -464,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--calib", type=int, default=128, metavar="N",
                       help="calibration samples per candidate (seeds 0..N-1; default: 128 -- on digits, 32 samples did "
                            "not rank candidates as 256 do, 128 did)")
-    tune.add_argument("--workers", type=int, metavar="W", help="processes measuring fidelity (default: one per CPU)")
+    tune.add_argument("--workers", type=int, metavar="W",
+                      help="processes measuring fidelity (default: one per CPU); with --ray, Ray workers (default: as "
+                           "many as the cluster's CPUs hold)")
     tune.add_argument("--scheduler", choices=list(SCHEDULERS),
                       help="sampler to tune for (default: the one the model ships)")
     tune.add_argument("--timing-runs", type=int, default=5, metavar="R",
@@ -476,6 +561,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "for another budget, reuses every result in it")
     tune.add_argument("--out", required=True, metavar="SCHEDULE.json",
                       help="chosen schedule to write (frontier.json and frontier.png go beside it)")
+    tune.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                      help="score fidelity on Ray workers (needs the [distributed] extra): no ADDRESS starts a local "
+                           "Ray instance, `auto` or HOST:6379 / ray://HOST:10001 joins a running cluster. Latency is "
+                           "still predicted from --device and measured here; results stream into the same --cache. "
+                           "Put --ray after the bundle, or write --ray=ADDRESS")
+    tune.add_argument("--ray-bundle", choices=["shared", "store"],
+                      help="how the bundle reaches Ray workers: shared (default) = each node opens the same absolute "
+                           "path (mount it there), store = shipped once through Ray's object store; either way every "
+                           "worker checks its sha256")
+    tune.add_argument("--ray-cpus", type=int, metavar="C",
+                      help="CPUs (and ONNX Runtime threads) per Ray worker (default: the cluster's CPUs / --workers, "
+                           "or 1)")
     tune.add_argument("--quiet", action="store_true", help="no progress bars")
     tune.set_defaults(handler=_cmd_tune)
 

@@ -61,3 +61,7 @@ class ParityError(VerificationError):
 
 class GenerationError(RunFailure):
     """A generation failed while running (not because of its input); images written before it are kept."""
+
+
+class ClusterError(RunFailure):
+    """Distributed work (`postdiff tune --ray`) cannot go on: workers keep dying, or there are none."""

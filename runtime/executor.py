@@ -4,6 +4,12 @@ The executor walks :func:`~postdiff.runtime.schedule.plan_steps` and, per step, 
 the plan names, feeds it, keeps the cache tensors it emits (the DeepCache feature, the
 cross-attention maps) as numpy arrays until a later graph takes them, and advances the scheduler.
 It decides nothing: every choice was made when the schedule was built.
+
+A bundle may hold its UNet in two forms (see the manifest): one graph per variant, and the merged
+graph whose ``If`` branches compute every variant over one set of weights (``export --merged``).
+:func:`resolve_graphs` picks, per variant, the form the caller asks for; a variant run through the
+merged graph is a :class:`~postdiff.runtime.runners.branch.BranchRunner`, which looks to the loop below
+exactly like the per-variant graph's runner.
 """
 
 from __future__ import annotations
@@ -13,15 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from postdiff.errors import ScheduleError
+from postdiff.errors import InputError, ScheduleError
 from postdiff.runtime.clock import process_age_s
 from postdiff.runtime.conditioning import Conditioning
 from postdiff.runtime.guidance import guidance_embedding
-from postdiff.runtime.manifest import Manifest, UNetVariant, describe_variant
+from postdiff.runtime.manifest import Manifest, ServedVariant, UNetVariant, describe_variant
 from postdiff.runtime.names import (CONTEXT, DEEP_FEATURE, NOISE_PRED, SAMPLE, TEXT_EMBEDS, TIME_IDS, TIMESTEP,
                                     TIMESTEP_COND, XATTN_PREFIX)
 from postdiff.runtime.resize import resize_bilinear
 from postdiff.runtime.runners.base import Runner
+from postdiff.runtime.runners.branch import BranchRunner
 from postdiff.runtime.schedule import Schedule, StepPlan, Variant, graph_variants, latent_size, plan_steps
 from postdiff.runtime.schedulers.base import Scheduler
 
@@ -38,34 +45,57 @@ def concrete(manifest: Manifest, variant: Variant) -> UNetVariant:
     return at_latent(variant, manifest.model.latent, manifest.model.downsample_factor)
 
 
-def resolve_graphs(manifest: Manifest, schedule: Schedule) -> dict[Variant, str]:
+UNET_FORMS = ("auto", "variants", "merged")
+
+
+@dataclass(frozen=True)
+class GraphRef:
+    """Where one variant is computed: graph ``name``, and, for the merged graph, how (``served``)."""
+
+    name: str
+    served: ServedVariant | None = None
+
+
+def resolve_graphs(manifest: Manifest, schedule: Schedule, unet: str = "auto") -> dict[Variant, GraphRef]:
     """The UNet graph of every variant ``schedule`` evaluates on this bundle, in first-use order,
     checked before any compute.
 
+    Args:
+        unet: ``"variants"``: the per-variant graphs; ``"merged"``: the merged graph; ``"auto"``: the
+            per-variant graph where the bundle has one (the faster form on ONNX Runtime CPU, see
+            docs/tensorrt.md), else the merged graph.
+
     Raises:
+        InputError: an unknown ``unet`` form.
         ScheduleError: a scale off the bundle's grid or a variant the bundle was not exported with.
     """
-    found: dict[Variant, str] = {}
+    if unet not in UNET_FORMS:
+        raise InputError(f"UNet form '{unet}' is not one of {list(UNET_FORMS)}")
+    found: dict[Variant, GraphRef] = {}
     missing = []
     for variant in graph_variants(schedule):
         wanted = concrete(manifest, variant)
-        if wanted in manifest.unet_graphs:
-            found[variant] = manifest.unet_graphs[wanted]
+        served = manifest.served(wanted)
+        if unet != "merged" and wanted in manifest.unet_graphs:
+            found[variant] = GraphRef(manifest.unet_graphs[wanted])
+        elif unet != "variants" and served is not None:
+            found[variant] = GraphRef(manifest.merged_unet, served)
         else:
             missing.append(wanted)
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ScheduleError(
-            f"schedule '{schedule.name}' needs the {describe_variant(missing[0])}{more}, which this bundle lacks; "
-            f"{manifest.export_hint()}"
+            f"schedule '{schedule.name}' needs the {describe_variant(missing[0])}{more}, which this bundle lacks"
+            f"{'' if unet == 'variants' else ' (in its merged graph too)'}; {manifest.export_hint()}"
+            f"{' with --merged' if unet == 'merged' else ''}"
         )
     return found
 
 
-def required_graphs(manifest: Manifest, schedule: Schedule) -> list[str]:
+def required_graphs(manifest: Manifest, schedule: Schedule, unet: str = "auto") -> list[str]:
     """Names of the UNet graphs ``schedule`` runs on this bundle, in first-use order (ScheduleError as
     :func:`resolve_graphs`)."""
-    return list(dict.fromkeys(resolve_graphs(manifest, schedule).values()))
+    return list(dict.fromkeys(ref.name for ref in resolve_graphs(manifest, schedule, unet).values()))
 
 
 def switch_noise(seed: int, step: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -90,12 +120,13 @@ class ScheduleExecutor:
     """Runs one schedule with a given scheduler over a bundle's UNet graphs."""
 
     def __init__(self, manifest: Manifest, schedule: Schedule, runner: Callable[[str], Runner],
-                 release: Callable[[str], None] | None = None) -> None:
+                 release: Callable[[str], None] | None = None, unet: str = "auto") -> None:
         """Args:
             runner: the runner of a graph by name (opened on first use).
             release: when given, called with each graph's name right after its last use in a run
                 (memory budgets: the low-resolution graphs after the switch, the guided ones after
                 the gate); the graph is then opened again by the next run.
+            unet: the UNet form, per-variant graphs or the merged graph (:func:`resolve_graphs`).
         """
         self.manifest = manifest
         self.schedule = schedule
@@ -107,8 +138,8 @@ class ScheduleExecutor:
                 "or a preset such as lcm-4 / postdiff-lcm)"
             )
         self._plans = plan_steps(schedule)
-        self._graph_of = resolve_graphs(manifest, schedule)  # ScheduleError before any compute
-        self.graph_names = list(dict.fromkeys(self._graph_of.values()))
+        self._graph_of = resolve_graphs(manifest, schedule, unet)  # ScheduleError before any compute
+        self.graph_names = list(dict.fromkeys(ref.name for ref in self._graph_of.values()))
         self._runner = runner
         self._release = release
         self._graphs: dict[Variant, _Graph] = {}
@@ -125,7 +156,7 @@ class ScheduleExecutor:
         last: dict[str, int] = {}
         for index, plan in enumerate(self._plans):
             for variant in filter(None, (plan.switch_from, plan.variant)):
-                name = self._graph_of[variant]
+                name = self._graph_of[variant].name
                 first.setdefault(name, index)
                 last[name] = index
         return [[n for n in self.graph_names if first[n] <= i <= last[n]] for i in range(len(self._plans))]
@@ -135,11 +166,20 @@ class ScheduleExecutor:
         last: dict[str, int] = {}
         for index, plan in enumerate(self._plans):
             for variant in filter(None, (plan.switch_from, plan.variant)):
-                last[self._graph_of[variant]] = index
+                last[self._graph_of[variant].name] = index
         by_step: dict[int, list[str]] = {}
         for name, index in last.items():
             by_step.setdefault(index, []).append(name)
         return by_step
+
+    @property
+    def variants(self) -> list[Variant]:
+        """The UNet variants this schedule evaluates, in first-use order."""
+        return list(self._graph_of)
+
+    def runner_for(self, variant: Variant) -> Runner:
+        """The runner computing ``variant`` as this executor runs it (opened on first use)."""
+        return self._graph(variant).runner
 
     def first_latent_shape(self) -> tuple[int, ...]:
         """Shape of the initial noise: the first step's latent size."""
@@ -193,7 +233,7 @@ class ScheduleExecutor:
 
     def _close(self, name: str) -> None:
         """Forget graph ``name``'s feed description and hand it to ``release``."""
-        self._graphs = {v: g for v, g in self._graphs.items() if self._graph_of[v] != name}
+        self._graphs = {v: g for v, g in self._graphs.items() if self._graph_of[v].name != name}
         self._release(name)
 
     def _switch(self, plan: StepPlan, scheduler: Scheduler, x: np.ndarray, t: np.generic, context: Conditioning,
@@ -211,7 +251,10 @@ class ScheduleExecutor:
     def _graph(self, variant: Variant) -> _Graph:
         """The graph of ``variant`` and its feed dtypes; its session is opened on first use."""
         if variant not in self._graphs:
-            runner = self._runner(self._graph_of[variant])
+            ref = self._graph_of[variant]
+            runner = self._runner(ref.name)
+            if ref.served is not None:
+                runner = BranchRunner(runner, ref.served)
             inputs = {t.name: np.dtype(t.dtype) for t in runner.spec.inputs}
             added = (inputs[TEXT_EMBEDS], inputs[TIME_IDS]) if TIME_IDS in inputs else None
             self._graphs[variant] = _Graph(runner, inputs[SAMPLE], inputs[TIMESTEP], inputs.get(CONTEXT),
@@ -262,13 +305,13 @@ class ScheduleExecutor:
             feed.update({name: self._xattn[name] for name in graph.xattn_inputs})
         if self.first_call_age_s is None:
             self.first_call_age_s = process_age_s()
-        outputs = graph.runner.infer(feed)
+        outputs = graph.runner.infer(feed)  # the runner's arrays: copy what outlives this call
         if variant.deep == "write":
-            self._feature = outputs[DEEP_FEATURE]
+            self._feature = outputs[DEEP_FEATURE].copy()
         if variant.xattn == "write":
             self._xattn = {name: self._keep_map(value) for name, value in outputs.items()
                            if name.startswith(XATTN_PREFIX)}
-        prediction = outputs[NOISE_PRED].astype(np.float32, copy=False)
+        prediction = np.array(outputs[NOISE_PRED], dtype=np.float32)  # ours: multistep solvers keep it
         if variant.batch == 1:
             return prediction
         uncond, cond = prediction[:1], prediction[1:]
@@ -278,10 +321,12 @@ class ScheduleExecutor:
         return uncond + np.float32(guidance) * (cond - uncond)
 
     def _keep_map(self, value: np.ndarray) -> np.ndarray:
-        """What a capture keeps of an attn2 output: one row, for the batch-1 steps after the gate.
-        "cond" keeps the conditional half (PostDiff), "ave" the mean of both halves (T-GATE)."""
+        """What a capture keeps of an attn2 output (a copy: the runner owns ``value``): one row, for the
+        batch-1 steps after the gate. "cond" keeps the conditional half (PostDiff), "ave" the mean of
+        both halves (T-GATE)."""
         if value.shape[0] == 1:
-            return value
+            return value.copy()
         if self.schedule.xattn_mode == "ave":
-            return ((value[:1] + value[1:]) / 2).astype(value.dtype)
-        return np.ascontiguousarray(value[1:])
+            host = np.asarray(value)  # a device runner's map comes to the host for the mean
+            return ((host[:1] + host[1:]) / 2).astype(host.dtype)
+        return value[1:].copy()

@@ -19,6 +19,10 @@ from postdiff.files import write_text_atomic
 
 T = TypeVar("T")
 
+# Field metadata key: a field added to a format after files of it exist is left out of the JSON while
+# it holds its default, so that files written before it (and their sha256) stay byte for byte the same.
+OMIT_DEFAULT = "omit_default"
+
 
 def from_dict(cls: type[T], data: Any, where: str, error: type[PostdiffError] = InputError) -> T:
     """Build dataclass ``cls`` from a JSON object, recursively and strictly.
@@ -93,7 +97,8 @@ def _convert(tp: Any, value: Any, where: str, error: type[PostdiffError]) -> Any
 def to_dict(obj: Any) -> Any:
     """Inverse of :func:`from_dict`: dataclasses to plain JSON values (tuples become lists)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get(OMIT_DEFAULT) and getattr(obj, f.name) == f.default)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):

@@ -14,16 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from postdiff.errors import BundleError
-from postdiff.runtime.jsonio import dumps, load_versioned
+from postdiff.runtime.jsonio import OMIT_DEFAULT, dumps, load_versioned
 from postdiff.runtime.names import unet_graph_name
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 
+DYNAMIC = -1  # a TensorSpec dimension the graph leaves free (the merged UNet's batch and spatial sides)
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """A graph input or output: its name, static shape and numpy dtype name."""
+    """A graph input or output: its name, shape (``DYNAMIC`` for a free dimension) and numpy dtype name."""
 
     name: str
     shape: tuple[int, ...]
@@ -53,6 +56,7 @@ class GraphSpec:
     macs: int  # multiply-accumulates of one call, counted from the static shapes
     variant: UNetVariant | None = None  # UNet graphs only
     initializers: dict[str, str] = field(default_factory=dict)  # initializer name -> key in weights.tensors
+    merged: MergedUNet | None = field(default=None, metadata={OMIT_DEFAULT: True})  # the merged UNet only
 
     def input(self, name: str) -> TensorSpec:
         """The input called ``name``; BundleError if the graph has none."""
@@ -93,6 +97,52 @@ class UNetVariant:
     deep: str  # none | write | read
     branch: int
     xattn: str  # none | write | read
+
+
+@dataclass(frozen=True)
+class MergedBranch:
+    """One cache role of the merged UNet graph: the ``If`` branch taken when the selector is ``index``.
+
+    ``inputs`` are the merged graph's inputs the branch reads (every other input gets a placeholder);
+    ``outputs`` the merged outputs it fills (the others come back empty).
+    """
+
+    index: int
+    deep: str  # none | write | read
+    branch: int  # DeepCache branch id (0 when deep is none)
+    xattn: str  # none | write | read
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ServedVariant:
+    """A concrete UNet variant the merged graph computes: its branch and, in the per-variant graph's
+    own tensor names, the exact inputs it takes and outputs it returns; ``placeholders`` are the
+    merged graph's other inputs at the shapes they would have for this variant (TensorRT needs every
+    branch shape-consistent, and a branch passes an uncomputed cache input through as its output)."""
+
+    variant: UNetVariant
+    branch: int  # MergedBranch.index
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    parity: Parity  # merged graph (this branch, these shapes) against the torch module at export
+    macs: int
+    placeholders: tuple[TensorSpec, ...] = ()  # every other merged input, at its natural shape here: fed zeros
+
+
+@dataclass(frozen=True)
+class MergedUNet:
+    """How one UNet graph holds every cache role of a bundle as ``If`` branches over one set of weights
+    (DESIGN §2, docs/tensorrt.md): the selector input picks the branch, batch and spatial sides are
+    free (``DYNAMIC``), and ``serves`` lists every (resolution, batch, role) it is exported and
+    checked for. Cache outputs are renamed (``output_names``: per-variant name -> merged name) since
+    a graph cannot take and produce a tensor of one name."""
+
+    selector: str  # int32 scalar input choosing the branch ("" when there is only one branch)
+    branches: tuple[MergedBranch, ...]
+    serves: tuple[ServedVariant, ...]
+    output_names: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -164,6 +214,17 @@ class Manifest:
     scheduler_class: str = ""  # the diffusers class the model ships: generate's default sampler
     tokenizer_2: TokenizerSpec | None = None  # SDXL: the second encoder's tokenizer
     sdxl: SdxlConditioning | None = None  # SDXL bundles only
+
+    @cached_property
+    def merged_unet(self) -> str | None:
+        """Name of the merged UNet graph (exported with ``--merged``), or None."""
+        return next((name for name, spec in sorted(self.graphs.items()) if spec.merged is not None), None)
+
+    def served(self, variant: UNetVariant) -> ServedVariant | None:
+        """How the merged UNet graph computes ``variant``, or None (no merged graph, or not served)."""
+        if self.merged_unet is None:
+            return None
+        return next((s for s in self.graphs[self.merged_unet].merged.serves if s.variant == variant), None)
 
     @cached_property
     def unet_graphs(self) -> dict[UNetVariant, str]:

@@ -50,3 +50,15 @@ def unet_graph_name(latent: tuple[int, int], batch: int, deep: str, branch: int,
     deep_part = "" if deep == NONE else f"-deep{branch}-{deep}"
     xattn_part = "" if xattn == NONE else f"-xattn-{xattn}"
     return f"unet-{latent[0]}x{latent[1]}-b{batch}{deep_part}{xattn_part}"
+
+
+def free_axes(tensor: str) -> dict[int, str]:
+    """How a UNet tensor's axes follow the variant, for the merged UNet's free sides: axis -> ``"batch"``,
+    ``"height"``/``"width"`` (latent-shaped tensors: sample, noise_pred, the DeepCache feature; its
+    side scales with the latent's) or ``"tokens"`` (cross-attention maps: one per latent cell at the
+    module's scale, so it scales with the latent's area). Every other axis is fixed."""
+    if tensor in (SAMPLE, NOISE_PRED, DEEP_FEATURE):
+        return {0: "batch", 2: "height", 3: "width"}
+    if tensor.startswith(XATTN_PREFIX):
+        return {0: "batch", 1: "tokens"}
+    return {0: "batch"}  # timestep, encoder_hidden_states

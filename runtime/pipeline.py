@@ -22,7 +22,8 @@ from postdiff.runtime.executor import ScheduleExecutor, concrete, resolve_graphs
 from postdiff.runtime.image import to_uint8
 from postdiff.runtime.manifest import Manifest, load_manifest
 from postdiff.runtime.memory import Phase, PhaseEstimate, check_budget, estimate, step_phases
-from postdiff.runtime.names import HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, TEXT_ENCODERS, VAE_DECODER
+from postdiff.runtime.names import (HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, TEXT_ENCODERS, UNET,
+                                    VAE_DECODER)
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.providers import AUTO_PRECISION, get_provider
 from postdiff.runtime.schedule import PLAIN_UNGUIDED, Schedule, plain_schedule
@@ -87,7 +88,8 @@ class Pipeline:
 
     def __init__(self, bundle: Path, provider: str = "cpu", verify: bool = True,
                  shared_weights: bool | None = None, threads: int | None = None,
-                 memory_budget_mb: float | None = None, precision: str = AUTO_PRECISION) -> None:
+                 memory_budget_mb: float | None = None, precision: str = AUTO_PRECISION,
+                 unet: str = "auto") -> None:
         """Load a bundle.
 
         Args:
@@ -102,6 +104,9 @@ class Pipeline:
                 largest phase is estimated above this many MB.
             precision: inference precision: ``auto`` (the graphs' own under ONNX Runtime; the CPU's
                 fastest under OpenVINO), ``fp32``, or ``bf16`` (OpenVINO, where the CPU has it).
+            unet: which form of the UNet to run, per-variant graphs or the merged graph
+                (``executor.resolve_graphs``; default auto: per-variant where present; ``tensorrt``: the
+                merged engine when `postdiff compile` built one).
         """
         started = time.perf_counter()
         self.bundle = Path(bundle)
@@ -120,7 +125,7 @@ class Pipeline:
         self.provider = provider
         self.tokenizer = PromptTokenizer(self.manifest.tokenizer, self.bundle)
         self.timings: dict[str, float] = {"verify_s": time.perf_counter() - started, "sessions_s": 0.0}
-        unets = sum(1 for g in self.manifest.graphs.values() if g.variant is not None)
+        unets = sum(1 for g in self.manifest.graphs.values() if g.role == UNET)
         share = unets > 1 if shared_weights is None else shared_weights
         self._share = share
         self._pool = None
@@ -137,13 +142,26 @@ class Pipeline:
             raise InputError(f"--memory-budget {memory_budget_mb} is not a positive number of MB")
         self.memory_budget_mb = memory_budget_mb
         self._sdxl = SdxlPromptEncoder(self.manifest, self.bundle, self.runner) if self.manifest.sdxl else None
+        self._engines = None
+        if self.backend == "tensorrt":  # our runner: engines from `postdiff compile`, the UNet merged when compiled so
+            from postdiff.runtime.engines import load_engines
+
+            self._engines = load_engines(self.bundle, self.manifest)
+            merged = self.manifest.merged_unet
+            if unet == "auto":
+                unet = "merged" if merged is not None and self._engines.engine_for(merged) else "variants"
+        self.unet = unet
 
     def runner(self, name: str) -> Runner:
         """The runner of graph ``name``, opened on first use (or again after a release)."""
         if name not in self._runners:
             spec = self.manifest.graph(name)
             started = time.perf_counter()
-            if self.backend == "openvino" and self._share and spec.variant is not None:
+            if self._engines is not None:
+                from postdiff.runtime.runners.tensorrt import TensorRTRunner
+
+                self._runners[name] = TensorRTRunner(spec, self.bundle, self._engines, name)
+            elif self.backend == "openvino" and self._share and spec.variant is not None:
                 self._runners[name] = self._openvino_variants().runner(name)
             elif self.backend == "openvino":
                 from postdiff.runtime.runners.openvino import OpenVinoRunner
@@ -192,13 +210,17 @@ class Pipeline:
         bundle lacks its graphs)."""
         if schedule not in self._executors:
             release = self.release if self.memory_budget_mb is not None else None
-            self._executors[schedule] = ScheduleExecutor(self.manifest, schedule, self.runner, release)
+            self._executors[schedule] = ScheduleExecutor(self.manifest, schedule, self.runner, release, self.unet)
         return self._executors[schedule]
 
     def load_all(self) -> None:
-        """Open a session for every graph now (benchmarks exclude this from their timings)."""
-        for name in sorted(self.manifest.graphs):
-            self.runner(name)
+        """Open a session for every graph of the UNet form in use now (benchmarks exclude this from their
+        timings)."""
+        merged = self.manifest.merged_unet
+        for name, spec in sorted(self.manifest.graphs.items()):
+            in_use = (name == merged) == (self.unet == "merged") if spec.role == UNET else True
+            if in_use:
+                self.runner(name)
 
     def _plain_cfg(self, guidance: float) -> bool:
         """Whether plain generation runs the guided batch-2 graph: not for models that embed the
@@ -270,7 +292,7 @@ class Pipeline:
     def encode_prompt(self, text: str) -> np.ndarray:
         """Text-encoder hidden states of ``text``: (1, L, D)."""
         ids = self.token_ids(text)
-        return self.runner(TEXT_ENCODER).infer({INPUT_IDS: ids})[HIDDEN_STATES]
+        return self.runner(TEXT_ENCODER).infer({INPUT_IDS: ids})[HIDDEN_STATES].copy()  # kept across the next call
 
     def token_ids(self, text: str) -> np.ndarray:
         """The text encoder's id row of ``text`` (InputError for text the tokenizer cannot take)."""

@@ -40,3 +40,25 @@ def tiny_postdiff_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundles") / "tiny-postdiff"
     export_bundle(ExportOptions(source="random:tiny-sd", out=out, schedules=PRESETS), progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_merged_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with every variant of the shipped presets, per-variant graphs and the merged UNet
+    graph (`export --merged`)."""
+    from postdiff.exporter.export import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-merged"
+    export_bundle(ExportOptions(source="random:tiny-sd", out=out, schedules=PRESETS, merged=True), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def device(tiny_postdiff_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A device profile of `tiny_postdiff_bundle` measured on this machine (2 timed calls per graph)."""
+    from postdiff.runtime.jsonio import write_json_atomic
+    from postdiff.tools.profiler import profile_bundle
+
+    path = tmp_path_factory.mktemp("device") / "device.json"
+    write_json_atomic(path, profile_bundle(tiny_postdiff_bundle, repeats=2, warmup=1, progress=False))
+    return path

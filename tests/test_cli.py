@@ -61,7 +61,7 @@ def test_generate_reads_initial_latents(capsys, tiny_bundle: Path, tmp_path: Pat
 def test_missing_graph_file(capsys, bundle_copy: Path, tmp_path: Path) -> None:
     (bundle_copy / "unet-16x16-b2.onnx").unlink()
     code, err = run_cli(capsys, *gen_args(bundle_copy, tmp_path / "x.png"))
-    assert code == 1 and "unet-16x16-b2.onnx is missing" in err and "re-export" in err  # fails verification
+    assert code == 2 and "unet-16x16-b2.onnx is missing" in err and "re-export" in err  # refused before any compute
     assert not (tmp_path / "x.png").exists()
 
 
@@ -70,7 +70,7 @@ def test_corrupted_graph_file_fails_its_sha256(capsys, bundle_copy: Path, tmp_pa
         handle.seek(100)
         handle.write(b"\x00garbage\x00")
     code, err = run_cli(capsys, *gen_args(bundle_copy, tmp_path / "x.png"))
-    assert code == 1 and "vae_decoder.onnx is corrupted: sha256" in err
+    assert code == 2 and "vae_decoder.onnx is corrupted: sha256" in err
 
 
 def test_corrupted_graph_with_matching_sha256_is_reported_by_name(capsys, bundle_copy: Path, tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_corrupted_graph_with_matching_sha256_is_reported_by_name(capsys, bundle
     manifest["graphs"]["text_encoder"]["sha256"] = sha256_file(bundle_copy / "text_encoder.onnx")
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     code, err = run_cli(capsys, *gen_args(bundle_copy, tmp_path / "x.png"))
-    assert code == 1 and "text_encoder.onnx could not be loaded by onnxruntime" in err
+    assert code == 2 and "text_encoder.onnx could not be loaded by onnxruntime" in err
 
 
 def test_unknown_format_version(capsys, bundle_copy: Path, tmp_path: Path) -> None:
@@ -173,7 +173,25 @@ def test_export_destination_exists(capsys, tiny_bundle: Path) -> None:
 
 
 def test_help_explains_every_command() -> None:
-    for command in ("export", "generate", "demo"):
-        result = subprocess.run([sys.executable, "-m", "postdiff.cli", command, "--help"],
-                                capture_output=True, text=True, check=True)
-        assert "usage: postdiff" in result.stdout and "--out" in result.stdout
+    """Every command the parser has (discovered, not listed here) is in the top-level help, has a
+    description, and every one of its arguments says what it does."""
+    import argparse
+
+    from postdiff.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = sub.choices
+    assert len(commands) >= 7  # export generate schedule bench profile tune demo, at the least
+    top = subprocess.run([sys.executable, "-m", "postdiff.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    listed = {choice.dest: choice.help for choice in sub._choices_actions}
+    undocumented = []
+    for name, command in commands.items():
+        assert name in top and listed.get(name), f"`postdiff --help` does not list {name}"
+        assert command.format_help().startswith(f"usage: postdiff {name}")
+        if not (command.description or "").strip():
+            undocumented.append(f"{name}: no description")
+        undocumented += [f"{name} {'/'.join(a.option_strings) or a.dest}: no help" for a in command._actions
+                         if not isinstance(a, argparse._HelpAction) and not (a.help or "").strip()]
+    assert undocumented == []

@@ -28,7 +28,6 @@ def test_demo_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     out = tmp_path / "demo"
     assert main(["demo", "--samples", "10", "--out", str(out), "--quiet"]) == 0
     table = capsys.readouterr().out
-    assert "baseline" in table and "fewer-steps" in table and "postdiff" in table
     # the console says what each fidelity figure is measured against
     assert "PSNR, SSIM: each image against the baseline's image of the same seed and prompt" in table
     accuracy = json.loads(CLASSIFIER.with_suffix(".json").read_text())["heldout_accuracy"]
@@ -37,12 +36,16 @@ def test_demo_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     results = json.loads((out / "results.json").read_text())
     runs = {run["name"]: run for run in results["runs"]}
     assert list(runs) == ["baseline", "fewer-steps", "postdiff"]
-    for run in runs.values():
+    for name, run in runs.items():
+        assert name in table
         assert set(run) >= {"name", "latency_s", "speedup", "macs", "adherence", "digit_fid", "psnr_db", "ssim"}
-        assert 0.0 <= run["adherence"] <= 1.0 and run["digit_fid"] >= 0.0
-    assert runs["baseline"]["speedup"] == 1.0 and runs["baseline"]["ssim"] == 1.0
-    assert runs["postdiff"]["macs"] < runs["fewer-steps"]["macs"] < runs["baseline"]["macs"]
-    assert runs["baseline"]["adherence"] >= 0.8  # a trained model, not noise
+    base = runs["baseline"]
+    # fewer-steps calls the baseline's one UNet graph 8 times instead of 20
+    assert runs["fewer-steps"]["macs"] * 20 == base["macs"] * 8
+    assert runs["postdiff"]["macs"] < runs["fewer-steps"]["macs"]
+    for name in ("fewer-steps", "postdiff"):  # scored against the baseline's images, not their own
+        assert runs[name]["psnr_db"] is not None and runs[name]["ssim"] < 1.0, name
+    assert base["adherence"] >= 0.8  # a trained model, not noise
     assert (out / "grid.png").stat().st_size > 0
 
     bundle = out / "bundle"

@@ -18,7 +18,7 @@ from postdiff import cli
 from postdiff.cli import main
 from test_runtime_is_torch_free import CHECK, FORBIDDEN
 
-COMMANDS = ("export", "generate", "schedule", "bench", "profile", "tune", "demo")
+COMMANDS = ("export", "generate", "verify", "schedule", "bench", "profile", "tune", "demo")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,6 +63,7 @@ def bad_input(command: str, tmp: Path) -> list[str]:
     return {
         "export": ["export", "random:tiny-sd", "--out", str(tmp / "b"), "--resolution", "abc"],
         "generate": ["generate", missing, "--prompt", "a cat", "--out", str(tmp / "x.png")],
+        "verify": ["verify", missing],
         "schedule": ["schedule", "--steps", "8", "--xattn-gate", "9", "--out", str(tmp / "s.json")],
         "bench": ["bench", "--bundle", missing, "--repeats", "0"],
         "profile": ["profile", missing, "--out", str(tmp / "d.json")],
@@ -73,7 +74,7 @@ def bad_input(command: str, tmp: Path) -> list[str]:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_bad_input_exits_2(capsys, command: str, tmp_path: Path) -> None:
-    argv = bad_input(command, tmp_path) + ([] if command == "schedule" else ["--quiet"])  # schedule has no bar
+    argv = bad_input(command, tmp_path) + ([] if command in ("schedule", "verify") else ["--quiet"])  # no bar
     code, text = run(capsys, *argv)
     assert code == 2 and f"postdiff {command}: error:" in text
     assert list(tmp_path.iterdir()) == []  # nothing written
@@ -87,7 +88,7 @@ def test_bad_usage_exits_2(capsys) -> None:
 
 
 @pytest.mark.parametrize("command", ["generate", "bench", "profile", "tune", "demo"])
-def test_a_bundle_that_fails_verification_exits_1(capsys, command: str, corrupted: Path, tmp_path: Path) -> None:
+def test_a_corrupted_bundle_is_refused_with_2(capsys, command: str, corrupted: Path, tmp_path: Path) -> None:
     argv = {
         "generate": ["generate", str(corrupted), "--prompt", "a cat", "--steps", "2", "--out", str(tmp_path / "x.png")],
         "bench": ["bench", "--bundle", str(corrupted), "--schedule", "fewer-steps", "--no-diffusers", "--repeats", "1"],
@@ -107,9 +108,16 @@ def test_a_bundle_that_fails_verification_exits_1(capsys, command: str, corrupte
         manifest["schedules"] = [preset for _, preset in SCHEDULES]
         manifest_path.write_text(json.dumps(manifest))
     code, text = run(capsys, *argv, "--quiet")
-    assert code == 1 and "vae_decoder.onnx is corrupted: sha256" in text
+    assert code == 2 and "vae_decoder.onnx is corrupted: sha256" in text
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "d.json").exists()
     assert not (tmp_path / "s.json").exists()
+
+
+def test_verify_exits_1_when_the_check_fails(capsys, corrupted: Path) -> None:
+    """Loading refuses a corrupted bundle as bad input (2); `postdiff verify`, whose one job is the
+    check, reports the failed check with 1."""
+    code, text = run(capsys, "verify", str(corrupted))
+    assert code == 1 and "vae_decoder.onnx is corrupted: sha256" in text
 
 
 def test_an_export_that_fails_parity_exits_1_and_leaves_nothing(capsys, tmp_path: Path,
@@ -140,6 +148,7 @@ def test_a_measurement_child_that_crashes_is_a_run_failure_and_one_that_rejects_
 INTERRUPT_AT = {
     "export": ("postdiff.exporter.export", "measure_parity"),
     "generate": ("postdiff.runtime.pipeline.Pipeline", "generate"),
+    "verify": ("postdiff.runtime.stamp", "verify_bundle"),
     "schedule": ("postdiff.profiles.schedule_builder", "build_schedule"),
     "bench": ("postdiff.tools.bench", "bench"),
     "profile": ("postdiff.tools.profiler", "profile_bundle"),
@@ -161,7 +170,8 @@ def test_interrupt_exits_130_and_writes_nothing(capsys, command: str, tiny_bundl
     out = tmp_path / "out"
     argv = {
         "export": ["export", "random:tiny-sd", "--out", str(out), "--quiet"],
-        "generate": ["generate", str(tiny_bundle), "--prompt", "a cat", "--out", str(out), "--quiet"],
+        "generate": ["generate", str(tiny_bundle), "--prompt", "a cat", "--out", str(out) + ".png", "--quiet"],
+        "verify": ["verify", str(tiny_bundle)],
         "schedule": ["schedule", "--preset", "baseline", "--out", str(out)],
         "bench": ["bench", "--bundle", str(tiny_bundle), "--no-diffusers", "--quiet"],
         "profile": ["profile", str(tiny_bundle), "--out", str(out), "--quiet"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 
 from postdiff.exporter.torch_reference import DIFFUSERS_SCHEDULERS, diffusers_generate
 from postdiff.errors import InputError
+from postdiff.profiles.presets import resolve_schedule
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 
 # stable-diffusion-2-1's scheduler_config.json (v-prediction, DDIM, "leading" spacing).
@@ -46,7 +48,8 @@ def with_scheduler(bundle: Path, tmp_path: Path, config: dict) -> Path:
 
 def diffusers_generation(model, scheduler: str, options: GenerateOptions, latents: np.ndarray,
                          height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Final latents and uint8 image from diffusers for the same inputs."""
+    """Final latents and uint8 image from diffusers for the same inputs (the image post-processed by
+    diffusers' own VaeImageProcessor, so that our to_uint8 is checked, not used on both sides)."""
     return diffusers_generate(model, scheduler, options.prompt, options.negative_prompt, options.steps,
                               options.guidance, latents, height, width, seed=options.seed)
 
@@ -108,6 +111,23 @@ def test_v_prediction_model_matches_diffusers(tiny_bundle: Path, tiny_model, tmp
     diff = float(np.max(np.abs(ours.latents - theirs)))
     print(f"v-prediction / {scheduler or 'ddim (shipped)'}: final latents max abs diff {diff:.2e}")
     assert diff <= latent_tolerance(theirs)
+
+
+@pytest.mark.parametrize("scheduler", sorted(DIFFUSERS_SCHEDULERS))
+def test_baseline_preset_matches_diffusers(tiny_bundle: Path, tiny_model, scheduler: str) -> None:
+    """The committed `baseline` preset, the reference of every speed-up and fidelity figure, is diffusers'
+    StableDiffusionPipeline with 20 model calls (an oracle that shares no schedule code with us)."""
+    schedule = resolve_schedule("baseline")
+    assert len(schedule.steps) == 20
+    pipeline = Pipeline(tiny_bundle)
+    options = GenerateOptions(prompt="a cat", negative_prompt="blurry", seed=2, steps=20, guidance=7.5,
+                              scheduler=scheduler)
+    latents = pipeline.initial_latents(options.seed)
+    ours = pipeline.generate(options, latents=latents, schedule=schedule)
+    # 20 model calls: PNDM's are 19 inference steps (its warm-up revisits one timestep)
+    calls = replace(options, steps=19) if scheduler == "pndm" else options
+    theirs, _ = diffusers_generation(tiny_model, scheduler, calls, latents, 32, 32)
+    assert float(np.max(np.abs(ours.latents - theirs))) <= latent_tolerance(theirs)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 0.5])

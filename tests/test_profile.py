@@ -7,7 +7,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,6 @@ from postdiff.profiles.device import DeviceProfile, dump_device_profile, load_de
 from postdiff.errors import InputError, ScheduleError
 from postdiff.runtime.jsonio import write_json_atomic
 from postdiff.runtime.manifest import load_manifest
-from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.profiles.presets import resolve_schedule
 from postdiff.runtime.schedulers import SCHEDULERS
 from postdiff.tools.profiler import graph_calls, predict_ms, profile_bundle
@@ -78,27 +76,6 @@ def test_malformed_profiles_are_rejected(profile: DeviceProfile, tmp_path: Path,
     with pytest.raises(InputError, match=message) as info:
         load_device_profile(path)
     assert str(path) in str(info.value)
-
-
-def test_prediction_tracks_measured_generation(profile: DeviceProfile, tiny_postdiff_bundle: Path) -> None:
-    """Tiny graphs are overhead-dominated and this machine is shared: compare the sum over two
-    schedules, with loose bounds, rather than each one tightly."""
-    pipeline = Pipeline(tiny_postdiff_bundle, verify=False)
-    predicted = measured = 0.0
-    for name in ("baseline", "postdiff-sd15"):
-        schedule = resolve_schedule(name)
-        options = GenerateOptions(prompt="a cat", steps=len(schedule.steps))
-        ms = predict_ms(profile, pipeline.manifest, schedule)
-        assert ms > 0
-        pipeline.generate(options, schedule=schedule)  # warm-up
-        runs = []
-        for _ in range(3):
-            started = time.perf_counter()
-            pipeline.generate(options, schedule=schedule)
-            runs.append(time.perf_counter() - started)
-        predicted += ms
-        measured += sorted(runs)[1] * 1e3
-    assert 0.5 <= measured / predicted <= 2.0, (measured, predicted)
 
 
 def test_prediction_adds_the_cold_step_cost(profile: DeviceProfile, tiny_postdiff_bundle: Path) -> None:
@@ -171,14 +148,31 @@ def test_cli_writes_a_profile_without_torch(tiny_postdiff_bundle: Path, tmp_path
     assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
-def test_committed_example_profiles_load() -> None:
-    examples = sorted(DEVICES.glob("*.json"))
-    assert examples, f"no example device profiles in {DEVICES}"
-    for path in examples:
-        device = load_device_profile(path)
-        assert device.bundle.source and device.bundle.manifest_sha256
-        # no machine's absolute paths: no JSON string starts with a slash (or a Windows drive)
-        assert not re.search(r'"(/|[A-Za-z]:\\)', path.read_text()), path
+# Committed profiles measured on bundles whose graph names predate format 2's cache-role names; each
+# must be re-measured on its bundle (README) and then leave this set (the xfail is strict).
+STALE = {"cpu-2core-sd15-256.json", "cpu-2core-digits.json", "cpu-2core-tiny-sd.json"}
+UNET_NAME = re.compile(r"unet-(\d+)x(\d+)-b([12])(?:-deep(\d+)-(write|read))?(?:-xattn-(write|read))?")
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.name, marks=pytest.mark.xfail(
+    strict=True, reason="stale: re-measure on its bundle")) if p.name in STALE else pytest.param(p, id=p.name)
+    for p in sorted(DEVICES.glob("*.json"))])
+def test_committed_example_profiles_load(path: Path) -> None:
+    from postdiff.runtime.names import unet_graph_name
+
+    device = load_device_profile(path)
+    assert device.bundle.source and device.bundle.manifest_sha256
+    # no machine's absolute paths: no JSON string starts with a slash (or a Windows drive)
+    assert not re.search(r'"(/|[A-Za-z]:\\)', path.read_text()), path
+    # every graph is one today's exporter writes (a profile of older graph names fits no bundle)
+    for name in device.graphs:
+        if name in ("text_encoder", "vae_decoder"):
+            continue
+        match = UNET_NAME.fullmatch(name)
+        assert match, f"{path.name}: graph {name} is not a current UNet graph name"
+        h, w, batch, branch, deep, xattn = match.groups()
+        assert name == unet_graph_name((int(h), int(w)), int(batch), deep or "none", int(branch or 0),
+                                       xattn or "none")
 
 
 def test_profile_under_a_memory_budget(tiny_bundle: Path) -> None:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-FORBIDDEN = ("torch", "diffusers", "transformers", "onnx_graphsurgeon")
+FORBIDDEN = ("torch", "diffusers", "transformers", "onnx_graphsurgeon", "ray")
 
 CHECK = """
 import sys

@@ -18,7 +18,9 @@ reported: ``load_s`` from the child's process start to its first UNet call, ``se
 session creation), then ``repeats`` timed ones: the median wall time of prompt encoding + denoising + decoding. Runtime rows also add up the
 time spent inside graph calls; the rest of the wall time is the runtime's own overhead (numpy
 scheduler steps, guidance, resolution switches, feed checks, tokenizing, image conversion).
-Speed-ups are ratios of medians measured in this one invocation on this one machine.
+Speed-ups are ratios of medians measured in this one invocation on this one machine. With a device
+profile (``--device``), each runtime row also gets the profile's predicted latency and the
+prediction error, predicted / measured - 1.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class BenchOptions:
     seed: int = 0
     repeats: int = 3
     weights: str = "auto"  # how UNet sessions hold weights: auto | shared | per-session
+    unet: str = "auto"  # UNet form: auto | variants | merged (executor.resolve_graphs)
     diffusers: bool = True  # also time diffusers (needs torch and the model)
     device: Path | None = None  # device profile: adds each row's predicted latency
     prompt: str | None = None  # default: the first calibration prompt (SD_PROMPTS), or a label model's first label
@@ -159,7 +162,7 @@ def unet_weights_mb(manifest: Manifest) -> float:
 
 def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repeats: int, weights: str, prompt: str,
                     save: str, provider: str = DEFAULT_PROVIDER, precision: str = AUTO_PRECISION,
-                    memory_budget_mb: float | None = None) -> dict:
+                    memory_budget_mb: float | None = None, unet: str = "auto") -> dict:
     """Time ``repeats`` generations of ``schedule``; save the initial and final latents under ``save``.
 
     The cold start comes first: ``import_s`` is this process's age when the runtime is imported and
@@ -171,7 +174,7 @@ def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repea
     plan = resolve_schedule(schedule)
     before, (anon_before, file_before) = rss_mb(), pss_mb()
     pipeline = TimedPipeline(Path(bundle), shared_weights=WEIGHT_MODES[weights], provider=provider,
-                             precision=precision, memory_budget_mb=memory_budget_mb)
+                             precision=precision, memory_budget_mb=memory_budget_mb, unet=unet)
     executor = pipeline.executor(plan)
     options = GenerateOptions(prompt=prompt, seed=seed, steps=len(plan.steps), scheduler=scheduler,
                               guidance=pipeline.manifest.model.default_guidance)
@@ -361,7 +364,7 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
                                  "scheduler": options.scheduler, "seed": options.seed,
                                  "repeats": options.repeats, "weights": options.weights, "prompt": prompt,
                                  "save": str(save), "provider": provider, "precision": precision,
-                                 "memory_budget_mb": options.memory_budget_mb})
+                                 "memory_budget_mb": options.memory_budget_mb, "unet": options.unet})
                 row["schedule"] = plans[index].name
                 row["unet_gmacs"] = total_macs(plans[index], manifest) / 1e9
                 if predicted is not None:
@@ -419,6 +422,8 @@ def _report(options: BenchOptions, manifest: Manifest, rows: dict[str, dict], pr
             out["speedup_vs_diffusers"] = round(theirs["wall_s"] / row["wall_s"], 3)
         if "unet_gmacs" in row:
             out["mac_predicted_speedup"] = round(base["unet_gmacs"] / row["unet_gmacs"], 3)
+        if "predicted_ms" in row:  # the device profile's prediction vs this run: + = predicted slower
+            out["prediction_error"] = round(row["predicted_ms"] / (1e3 * row["wall_s"]) - 1, 3)
         if label == f"runtime:{BASELINE}" and theirs is not None:
             out["max_abs_diff_vs_diffusers"] = float(np.max(np.abs(final - theirs["final"])))
         report_rows.append(out)
@@ -454,7 +459,8 @@ def format_report(report: dict) -> str:
     columns = (("wall s", "wall_s", "{:.3f}"), ("graphs s", "graph_s", "{:.3f}"),
                ("overhead", "overhead_pct", "{:.2f}%"), ("vs base", "speedup_vs_baseline", "{:.2f}x"),
                ("vs diff.", "speedup_vs_diffusers", "{:.2f}x"), ("MAC pred.", "mac_predicted_speedup", "{:.2f}x"),
-               ("pred. s", "predicted_ms", "{:.3f}"), ("load s", "load_s", "{:.2f}"),
+               ("pred. s", "predicted_ms", "{:.3f}"), ("pred. err", "prediction_error", "{:+.0%}"),
+               ("load s", "load_s", "{:.2f}"),
                ("sessions s", "sessions_s", "{:.2f}"), ("peak RSS MB", "peak_rss_mb", "{:.0f}"),
                ("sess. MB", "sessions_pss_mb", "{:.0f}"), ("x weights", "sessions_x_weights", "{:.2f}"),
                ("precision", "precision", "{}"), ("drift/base", "rel_l2_vs_baseline", "{:.2e}"),

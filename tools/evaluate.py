@@ -52,9 +52,10 @@ class SampleSet:
     latency_s: float
 
 
-def requests_for(pipeline: Pipeline, count: int, first_seed: int = 0) -> list[Request]:
-    """``count`` requests: label models cycle through their labels, text models through SD_PROMPTS."""
-    labels = pipeline.manifest.tokenizer.labels
+def requests_for(source: Pipeline | Manifest, count: int, first_seed: int = 0) -> list[Request]:
+    """``count`` requests for a bundle (its pipeline or manifest): label models cycle through their
+    labels, text models through SD_PROMPTS."""
+    labels = (source.manifest if isinstance(source, Pipeline) else source).tokenizer.labels
     if labels:
         return [Request(first_seed + i, labels[i % len(labels)], i % len(labels)) for i in range(count)]
     return [Request(first_seed + i, SD_PROMPTS[i % len(SD_PROMPTS)]) for i in range(count)]

@@ -310,7 +310,7 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
     timestep = min(PROFILE_TIMESTEP, num_train - 1)
     sizes = unet_latent_sizes(manifest)
     pairs = switch_pairs(sizes)
-    names = sorted(manifest.graphs)
+    names = sorted(n for n, spec in manifest.graphs.items() if spec.merged is None)  # static shapes only
     samplers = available_schedulers(manifest.scheduler)  # those this bundle's config can configure
     bar = tqdm(total=len(names) + 1 + len(samplers) * len(sizes) + len(pairs), desc="profile", unit="op",
                disable=not progress)

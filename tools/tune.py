@@ -21,6 +21,8 @@ on one device, empirically:
    digit-FID (lower is better) for the digit model, PSNR vs the baseline (higher is better)
    otherwise. Candidates are spread over ``--workers`` processes, each with its own pipeline and a
    share of the cores; workers get the baseline's images once and return numbers, never images.
+   With ``--ray`` the same scoring runs on Ray workers instead, here or on a cluster
+   (:mod:`postdiff.tools.tune_ray`).
 5. **Latency** of every measured candidate, *sequentially* in this process after the workers are
    done (so uncontended), with ONNX Runtime's default threads as in the device profile: the median
    over ``timing_runs`` generations after one warm-up generation. This is ``measured_ms``; it is a
@@ -49,7 +51,8 @@ import json
 import math
 import multiprocessing
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -69,6 +72,7 @@ from postdiff.runtime.schedulers import SCHEDULERS, default_scheduler
 from postdiff.tools.evaluate import (DigitJudge, Request, SampleSet, fidelity, generate_set, is_digit_model,
                                      requests_for)
 from postdiff.tools.profiler import manifest_digest, predict_ms
+from postdiff.tools.tune_ray import TRANSPORTS, RayOptions, ray_fidelity  # imports ray only when called
 
 CACHE_NAME = "tune-cache.jsonl"
 FRONTIER_JSON = "frontier.json"
@@ -95,6 +99,7 @@ class TuneOptions:
     cache: Path | None = None  # default: tune-cache.jsonl in out's folder
     steps_full: int | None = None  # the baseline's step count (None: 20, or LCM_STEPS_FULL for an LCM)
     space: tuple[Candidate, ...] | None = None  # candidates to consider; None: profiles.tuning.candidates()
+    ray: RayOptions | None = None  # score fidelity on Ray workers (``workers`` then counts them); None: locally
 
 
 @dataclass
@@ -111,6 +116,8 @@ class TuneReport:
     # skipped candidates, with the dominated and the unmeasured, are in frontier["skipped"])
     fidelity_computed: int = 0  # candidates evaluated in this run (the rest came from the cache)
     latency_computed: int = 0
+    fidelity_s: float = 0.0  # wall time of the fidelity phase (with --ray: connecting and starting workers too)
+    latency_s: float = 0.0  # wall time of the latency phase
     notes: list[str] = field(default_factory=list)
 
 
@@ -220,19 +227,51 @@ def _work(schedule: Schedule) -> tuple[str, dict]:
     return schedule.name, _WORKER.evaluate(schedule)
 
 
+def _local_fidelity(pipeline: Pipeline, todo: Sequence[Schedule], requests: list[Request], reference_images: list,
+                    scheduler: str, judged: bool, workers: int) -> Iterator[tuple[Schedule, dict]]:
+    """(schedule, scores) as each finishes: inline with one worker, else on a pool of processes."""
+    if workers == 1:
+        evaluator = Evaluator(pipeline, requests, reference_images, scheduler, judged)
+        for schedule in todo:
+            yield schedule, evaluator.evaluate(schedule)
+        return
+    # Spawned, not forked: ONNX Runtime's thread pools do not survive a fork. Each worker takes an
+    # equal share of the cores so that the workers do not oversubscribe them.
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    by_name = {s.name: s for s in todo}
+    context = multiprocessing.get_context("spawn")
+    pool = context.Pool(workers, initializer=_init_worker,
+                        initargs=(str(pipeline.bundle), requests, reference_images, scheduler, judged, threads))
+    try:
+        for name, scores in pool.imap_unordered(_work, todo):
+            yield by_name[name], scores
+    except BaseException:  # errors, interrupts and an abandoned stream (GeneratorExit)
+        pool.terminate()
+        raise
+    else:
+        pool.close()  # a clean shutdown
+    finally:
+        pool.join()
+
+
 def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Schedule, calib: int,
                       scheduler: str = "ddim", workers: int = 1, cache: TuneCache | None = None,
-                      progress: bool = True) -> tuple[dict[str, dict], int]:
+                      progress: bool = True, ray: RayOptions | None = None) -> tuple[dict[str, dict], int]:
     """Fidelity of every schedule on ``calib`` requests against ``reference``'s images.
 
-    Cached results are reused; new ones are appended to ``cache`` as they finish. The reference
-    images are generated (in this process) only when something has to be computed. The caller has
-    checked the bundle's files (sha256).
+    Cached results are reused; new ones are appended to ``cache`` as they finish, by this process
+    only (workers return numbers), so an interrupted run leaves whole records of finished candidates.
+    The reference images are generated only when something has to be computed: in this process, or
+    with ``ray`` on a Ray worker, which then also scores every candidate
+    (:mod:`postdiff.tools.tune_ray`; ``workers`` is ignored there, see :class:`RayOptions`). Either
+    way a candidate is scored by :meth:`Evaluator.evaluate`. The caller has checked the bundle's
+    files (sha256).
 
     Returns:
         ({schedule name: record with psnr_db, ssim, adherence, digit_fid, calib_ms}, number computed).
     """
-    digest = manifest_digest(load_manifest(Path(bundle), verify=False))
+    manifest = load_manifest(Path(bundle), verify=False)
+    digest = manifest_digest(manifest)
     cache = cache if cache is not None else TuneCache(None)
     results: dict[str, dict] = {}
     todo: list[Schedule] = []
@@ -244,45 +283,34 @@ def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Sc
             todo.append(schedule)
     if not todo:
         return results, 0
-    pipeline = Pipeline(Path(bundle), verify=False)  # the caller verified the files
-    requests = requests_for(pipeline, calib)
-    judged = is_digit_model(pipeline.manifest)
-    reference_images = generate_set(pipeline, reference, requests, scheduler, progress=progress).images
-    workers = max(1, min(workers, len(todo)))
+    requests = requests_for(manifest, calib)
+    judged = is_digit_model(manifest)
+    if ray is not None:
+        stream = ray_fidelity(Path(bundle), digest, todo, reference, requests, scheduler, judged, ray)
+        backend, count = "ray", None  # the worker count is known once connected; records name the backend
+    else:
+        pipeline = Pipeline(Path(bundle), verify=False)  # the caller verified the files
+        reference_images = generate_set(pipeline, reference, requests, scheduler, progress=progress).images
+        count = max(1, min(workers, len(todo)))
+        stream = _local_fidelity(pipeline, todo, requests, reference_images, scheduler, judged, count)
+        backend = "inline" if count == 1 else "pool"
     bar = tqdm(total=len(schedules), initial=len(results), desc=f"fidelity (calib {calib})", unit="cand",
                disable=not progress)
-
-    def finish(name: str, scores: dict) -> None:
-        schedule = next(s for s in todo if s.name == name)
-        record = {"kind": "fidelity", "key": fidelity_key(schedule, calib, scheduler, digest), "name": name,
-                  "schedule_sha256": schedule_digest(schedule), "calib": calib, "scheduler": scheduler,
-                  "manifest_sha256": digest, "workers": workers, **scores}
-        cache.add(record)
-        results[name] = record
-        bar.set_postfix_str(name)
-        bar.update()
-
-    if workers == 1:
-        evaluator = Evaluator(pipeline, requests, reference_images, scheduler, judged)
-        for schedule in todo:
-            finish(schedule.name, evaluator.evaluate(schedule))
-    else:
-        # Spawned, not forked: ONNX Runtime's thread pools do not survive a fork. Each worker takes an
-        # equal share of the cores so that the workers do not oversubscribe them.
-        threads = max(1, (os.cpu_count() or 1) // workers)
-        context = multiprocessing.get_context("spawn")
-        pool = context.Pool(workers, initializer=_init_worker,
-                            initargs=(str(bundle), requests, reference_images, scheduler, judged, threads))
-        try:
-            for name, scores in pool.imap_unordered(_work, todo):
-                finish(name, scores)  # cached at once: a kill loses only the candidates in flight
-            pool.close()  # a clean shutdown; terminate() only on errors and interrupts
-        except BaseException:
-            pool.terminate()
-            raise
-        finally:
-            pool.join()
-    bar.close()
+    try:
+        for schedule, scores in stream:
+            if schedule.name in results:  # a backend bug; never count a candidate twice
+                raise RuntimeError(f"candidate {schedule.name} was scored twice (a postdiff bug)")
+            record = {"kind": "fidelity", "key": fidelity_key(schedule, calib, scheduler, digest),
+                      "name": schedule.name, "schedule_sha256": schedule_digest(schedule), "calib": calib,
+                      "scheduler": scheduler, "manifest_sha256": digest, "backend": backend,
+                      **({} if count is None else {"workers": count}), **scores}
+            cache.add(record)  # at once: a kill or Ctrl-C loses only the candidates in flight
+            results[schedule.name] = record
+            bar.set_postfix_str(schedule.name)
+            bar.update()
+    finally:
+        stream.close()  # stops the workers when this loop is left early (an error, Ctrl-C)
+        bar.close()
     return results, len(todo)
 
 
@@ -373,6 +401,10 @@ def _check_options(options: TuneOptions) -> None:
                          "(digit-FID needs a spread; 32 or more for a stable ranking)")
     if options.workers is not None and options.workers < 1:
         raise InputError(f"--workers {options.workers} must be at least 1 (default: the number of CPUs)")
+    if options.ray is not None and options.ray.cpus is not None and options.ray.cpus < 1:
+        raise InputError(f"--ray-cpus {options.ray.cpus} must be at least 1")
+    if options.ray is not None and options.ray.bundle not in TRANSPORTS:
+        raise InputError(f"--ray-bundle '{options.ray.bundle}' is not one of {list(TRANSPORTS)}")
     if options.timing_runs < 1:
         raise InputError(f"--timing-runs {options.timing_runs} must be at least 1")
     if not (math.isfinite(options.slack) and options.slack >= 0):
@@ -453,10 +485,14 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     cache = TuneCache(cache_path)
     schedules = [built[c.name] for c in measured]
     workers = options.workers or os.cpu_count() or 1
+    ray = None if options.ray is None else replace(options.ray, workers=options.workers)
+    started = time.perf_counter()
     scores, fidelity_computed = evaluate_fidelity(bundle, schedules, built[baseline.name], options.calib,
-                                                  options.scheduler, workers, cache, progress)
+                                                  options.scheduler, workers, cache, progress, ray)
+    fidelity_s, started = time.perf_counter() - started, time.perf_counter()
     latencies, latency_computed = measure_latency(bundle, schedules, options.timing_runs, options.scheduler, cache,
                                                   progress)
+    latency_s = time.perf_counter() - started
 
     metric = decisive_metric(manifest)
     points = []
@@ -493,7 +529,10 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
         notes.append(f"the device profile mispredicts a frontier point by {accuracy['frontier_worst']:.0%} (more "
                      f"than {PREDICTION_TOLERANCE:.0%}): re-run `postdiff profile` on this device under the load it "
                      "will generate under")
-    if workers > 1 and fidelity_computed:
+    if ray is not None and fidelity_computed:
+        notes.append("fidelity was scored on Ray workers (calib_ms is their time, not this device's); measured_ms "
+                     "was measured here afterwards, one candidate at a time")
+    elif workers > 1 and fidelity_computed:
         notes.append("calib_ms was measured while workers shared the cores (contended); measured_ms was "
                      "measured afterwards, one candidate at a time")
 
@@ -518,8 +557,8 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     plot_frontier(frontier, plot_path)
     return TuneReport(frontier=frontier, chosen=chosen["name"], schedule_path=out, frontier_path=frontier_path,
                       plot_path=plot_path, cache_path=cache_path, missing=missing,
-                      fidelity_computed=fidelity_computed,
-                      latency_computed=latency_computed, notes=notes)
+                      fidelity_computed=fidelity_computed, latency_computed=latency_computed,
+                      fidelity_s=fidelity_s, latency_s=latency_s, notes=notes)
 
 
 def decisive_metric(manifest: Manifest) -> str:
@@ -565,7 +604,7 @@ def format_summary(report: TuneReport) -> str:
                  f"{a['all_mean_abs']:.1%}")
     lines += report.notes
     lines.append(f"computed {report.fidelity_computed} fidelity and {report.latency_computed} latency results "
-                 f"(the rest from {report.cache_path})")
+                 f"(the rest from {report.cache_path}) in {report.fidelity_s:.1f} s and {report.latency_s:.1f} s")
     lines.append(f"chose {report.chosen}; wrote {report.schedule_path}, {report.frontier_path} and "
                  f"{report.plot_path}")
     return "\n".join(lines)

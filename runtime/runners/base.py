@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from postdiff.errors import InputError
-from postdiff.runtime.manifest import GraphSpec
+from postdiff.runtime.manifest import DYNAMIC, GraphSpec
 
 
 class Runner(ABC):
@@ -32,8 +32,8 @@ class Runner(ABC):
         its names, shapes and dtypes against the manifest.
 
         Returns:
-            One array per graph output, keyed by output name. Runners may reuse output buffers
-            between calls: copy a result you keep across calls.
+            One array per graph output, keyed by output name. The arrays belong to the runner, which
+            may reuse their buffers on the next call: copy a result you keep across calls.
         """
         check_feed(self.spec, feed)
         return self._infer(feed)
@@ -55,7 +55,9 @@ def check_feed(spec: GraphSpec, feed: Mapping[str, np.ndarray]) -> None:
         )
     for name, tensor in expected.items():
         array = feed[name]
-        if tuple(array.shape) != tuple(tensor.shape) or array.dtype != np.dtype(tensor.dtype):
+        fits = len(array.shape) == len(tensor.shape) and all(
+            want in (DYNAMIC, got) for want, got in zip(tensor.shape, array.shape))
+        if not fits or array.dtype != np.dtype(tensor.dtype):
             raise InputError(
                 f"graph {spec.file}: input '{name}' got {array.dtype}{list(array.shape)}, "
                 f"expected {tensor.dtype}{list(tensor.shape)}"

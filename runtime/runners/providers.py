@@ -16,7 +16,8 @@ from postdiff.errors import InputError
 class Provider:
     """One ``--provider`` choice.
 
-    ``backend`` names the runner module (``onnxruntime``: :mod:`.ort`, ``openvino``: :mod:`.openvino`);
+    ``backend`` names the runner module (``onnxruntime``: :mod:`.ort`, ``openvino``: :mod:`.openvino`,
+    ``tensorrt``: :mod:`.tensorrt`);
     ``target`` is what that backend calls the device (an ONNX Runtime execution provider, an
     OpenVINO device name); ``install`` says how to get it when it is missing.
     """
@@ -33,7 +34,10 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
     Provider("cpu", "onnxruntime", "CPUExecutionProvider", "ONNX Runtime on the CPU", "pip install onnxruntime"),
     Provider("cuda", "onnxruntime", "CUDAExecutionProvider", "ONNX Runtime on an NVIDIA GPU (CUDA)",
              "pip install onnxruntime-gpu", gpu=True),
-    Provider("tensorrt", "onnxruntime", "TensorrtExecutionProvider", "ONNX Runtime's TensorRT execution provider",
+    Provider("tensorrt", "tensorrt", "engines", "postdiff's TensorRT runner on the engines of `postdiff compile` "
+             "(caches stay on the GPU)", 'TensorRT (JetPack on Jetson) and pip install "postdiff[tensorrt]"', gpu=True),
+    Provider("ort-tensorrt", "onnxruntime", "TensorrtExecutionProvider",
+             "ONNX Runtime's TensorRT execution provider (an engine, and a copy of the weights, per graph)",
              "pip install onnxruntime-gpu (and TensorRT)", gpu=True),
     Provider("openvino", "openvino", "CPU", "OpenVINO on the CPU (bf16 where the CPU has it)",
              'pip install "postdiff[openvino]"'),

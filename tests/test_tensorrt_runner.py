@@ -1,0 +1,45 @@
+"""The native TensorRT runner and `postdiff check` cannot run here (no GPU): what can be checked without one
+is that they import torch-free and stop with one clear line and exit 2."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from postdiff.cli import main
+from postdiff.runtime.compile import NoGpu, gpu_compute_capability
+
+
+def _has_gpu() -> bool:
+    try:
+        gpu_compute_capability()
+    except NoGpu:
+        return False
+    return True
+
+
+no_gpu = pytest.mark.skipif(_has_gpu(), reason="this machine has a GPU: run `postdiff check` instead")
+
+
+def test_runner_module_imports_without_tensorrt_or_gpu() -> None:
+    from postdiff.runtime.runners import tensorrt
+
+    assert tensorrt.TensorRTRunner.__doc__
+
+
+@no_gpu
+@pytest.mark.skipif(importlib.util.find_spec("cuda") is None, reason="cuda-python is not installed")
+def test_no_gpu_is_one_line_exit_2(tiny_bundle: Path, capsys) -> None:
+    assert main(["check", str(tiny_bundle), "--provider", "tensorrt"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no CUDA GPU" in err
+
+
+def test_generate_with_tensorrt_needs_compiled_engines(tiny_bundle: Path, tmp_path: Path, capsys) -> None:
+    code = main(["generate", str(tiny_bundle), "--prompt", "a cat", "--steps", "2", "--provider", "tensorrt",
+                 "--out", str(tmp_path / "x.png"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "postdiff compile" in err and not (tmp_path / "x.png").exists()
