@@ -31,8 +31,9 @@ from postdiff.exporter.verify import FP16_TOLERANCE, FP32_TOLERANCE, measure_mer
 from postdiff.exporter.weights import WeightStore
 from postdiff.runtime import names
 from postdiff.errors import InputError
-from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, MergedUNet, ModelInfo, ServedVariant,
-                                       SharedWeights, TensorSpec, TokenizerSpec, UNetVariant, sha256_file)
+from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, MergedUNet, ModelInfo, SdxlConditioning,
+                                       ServedVariant, SharedWeights, TensorSpec, TokenizerSpec, UNetVariant,
+                                       sha256_file)
 from postdiff.runtime.executor import at_latent
 from postdiff.profiles.presets import resolve_schedule
 from postdiff.runtime.schedule import PLAIN, PLAIN_UNGUIDED, Schedule, graph_variants
@@ -40,6 +41,7 @@ from postdiff.runtime.schedule import PLAIN, PLAIN_UNGUIDED, Schedule, graph_var
 UNET_WEIGHTS = "unet.weights"
 MERGED_UNET = "unet-merged"  # graph name of the merged UNet (exporter/merge.py)
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_2_FILE = "tokenizer_2.json"
 
 
 def check_resolution(model: LoadedModel, height: int, width: int) -> None:
@@ -105,10 +107,11 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
         wanted = [s for s in wanted if not any(step.cfg for step in s.steps)]
     variants = unet_variants(wanted, latent, model.downsample_factor, embedded)
     plans = text_and_decoder_plans(model, height, width) + [unet_plan(model, v) for v in variants]
+    full_precision = fp32_roles(model)
     if options.precision == "fp16":
-        # The text encoder stays fp32: it runs once per prompt, and CLIP's traced LayerNorm does not
-        # type-check in half precision.
-        plans = [p if p.role == names.TEXT_ENCODER else half_precision(p) for p in plans]
+        # The text encoders stay fp32: they run once per prompt, and CLIP's traced LayerNorm does not
+        # type-check in half precision. So does an SDXL decoder whose VAE asks for upcasting.
+        plans = [p if p.role in full_precision else half_precision(p) for p in plans]
     with staging_folder(options.out) as stage:
         store = WeightStore(stage / UNET_WEIGHTS)
         graphs = {}
@@ -116,7 +119,7 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
         with tempfile.TemporaryDirectory(dir=stage.parent, prefix=f".{options.out.name}.scratch-") as scratch:
             for plan in bar:
                 bar.set_postfix_str(plan.name)
-                precision = "fp32" if plan.role == names.TEXT_ENCODER else options.precision
+                precision = "fp32" if plan.role in full_precision else options.precision
                 graphs[plan.name] = _export_graph(plan, stage, Path(scratch), precision, store)
             if options.merged:
                 unet_plans = [p for p in plans if p.role == names.UNET]
@@ -134,6 +137,9 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
                             lora="" if options.lora is None else f"{Path(options.lora).name} x{options.lora_scale:g}"),
             graphs=graphs,
             tokenizer=_write_tokenizer(model, stage),
+            tokenizer_2=_write_tokenizer(model, stage, second=True) if model.is_sdxl else None,
+            sdxl=SdxlConditioning(force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt)
+            if model.is_sdxl else None,
             scheduler=normalize_config(model.scheduler_config),
             scheduler_class=scheduler_class(model.scheduler_config),
             weights=SharedWeights(file=UNET_WEIGHTS, sha256=sha256_file(stage / UNET_WEIGHTS),
@@ -235,10 +241,18 @@ def _tensor_spec(value: onnx.ValueInfoProto) -> TensorSpec:
     return TensorSpec(name=value.name, shape=tuple(d.dim_value for d in tensor_type.shape.dim), dtype=dtype)
 
 
-def _write_tokenizer(model: LoadedModel, stage: Path) -> TokenizerSpec:
+def fp32_roles(model: LoadedModel) -> tuple[str, ...]:
+    """Graph roles an fp16 export keeps in fp32: the text encoders, and the VAE decoder of an SDXL
+    model whose VAE config says ``force_upcast`` (diffusers' SDXL pipeline decodes those in fp32)."""
+    upcast = model.is_sdxl and model.vae is not None and bool(getattr(model.vae.config, "force_upcast", False))
+    return names.TEXT_ENCODERS + ((names.VAE_DECODER,) if upcast else ())
+
+
+def _write_tokenizer(model: LoadedModel, stage: Path, second: bool = False) -> TokenizerSpec:
     if model.labels:  # label prompts need no file: the manifest lists them
         return TokenizerSpec(kind="labels", max_length=1, labels=model.labels)
-    path = stage / TOKENIZER_FILE
-    model.tokenizer.backend_tokenizer.save(str(path))
-    return TokenizerSpec(kind="bpe", file=TOKENIZER_FILE, sha256=sha256_file(path),
-                         max_length=int(model.tokenizer.model_max_length), pad_id=int(model.tokenizer.pad_token_id))
+    tokenizer = model.tokenizer_2 if second else model.tokenizer
+    file = TOKENIZER_2_FILE if second else TOKENIZER_FILE
+    tokenizer.backend_tokenizer.save(str(stage / file))
+    return TokenizerSpec(kind="bpe", file=file, sha256=sha256_file(stage / file),
+                         max_length=int(tokenizer.model_max_length), pad_id=int(tokenizer.pad_token_id))

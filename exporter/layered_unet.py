@@ -1,4 +1,4 @@
-"""A diffusers SD 1.x/2.x UNet run layer by layer, so that one traced graph can cut or feed caches.
+"""A diffusers SD 1.x/2.x or SDXL UNet run layer by layer, so that one traced graph can cut or feed caches.
 
 :class:`LayeredUNet` re-drives the real submodules of a ``UNet2DConditionModel`` (time embedding,
 ``conv_in``, each down layer, the mid block, each up layer, the output head) in exactly the order
@@ -56,7 +56,9 @@ from postdiff.errors import InputError, ModelSourceError
 _SUPPORTED_DOWN = (CrossAttnDownBlock2D, DownBlock2D)
 _SUPPORTED_UP = (CrossAttnUpBlock2D, UpBlock2D)
 _UNSUPPORTED_FIX = ("the layered (DeepCache / cross-attention caching) graphs support Stable Diffusion 1.x/2.x "
-                    "UNets only; export this model without cache variants")
+                    "and SDXL UNets only; export this model without cache variants")
+# SDXL's addition embedding: pooled text embeddings + sinusoidal size ids (diffusers' "text_time").
+TEXT_TIME = "text_time"
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,7 @@ class _Topology:
     context_dim: int
     in_channels: int
     grid: int  # latent sides must be multiples of this: 2 ** (number of downsamplers)
+    pooled_dim: int = 0  # SDXL: width of text_embeds (0: the UNet has no text_time embedding)
 
     @property
     def num_skips(self) -> int:
@@ -151,7 +154,8 @@ def _check_unet(unet: Any) -> None:
     unsupported = {
         "class embeddings (class_embed_type / num_class_embeds)": unet.class_embedding is not None,
         f"addition embeddings (addition_embed_type={config.addition_embed_type!r})":
-            config.addition_embed_type is not None or getattr(unet, "add_embedding", None) is not None,
+            config.addition_embed_type not in (None, TEXT_TIME)
+            or (config.addition_embed_type is None and getattr(unet, "add_embedding", None) is not None),
         f"an encoder hidden-state projection (encoder_hid_dim_type={config.encoder_hid_dim_type!r})":
             unet.encoder_hid_proj is not None,
         f"attention_type={config.attention_type!r} (GLIGEN)":
@@ -261,11 +265,15 @@ def _topology(unet: UNet2DConditionModel) -> _Topology:
 
     if len(context_dims) > 1:
         raise _reject(f"the cross-attention modules take contexts of different widths {sorted(context_dims)}")
+    pooled_dim = 0
+    if unet.config.addition_embed_type == TEXT_TIME:
+        # add_embedding takes cat([text_embeds, 6 sinusoidal size embeddings]).
+        pooled_dim = unet.add_embedding.linear_1.in_features - 6 * unet.add_time_proj.num_channels
     return _Topology(
         down=tuple(down), mid=mid, up=tuple(up), skip_scales=tuple(skip_scales),
         feature_channels=tuple(feature_channels), xattn_channels=xattn_channels,
         context_dim=next(iter(context_dims), int(unet.config.cross_attention_dim)),
-        in_channels=unet.conv_in.in_channels, grid=scale,
+        in_channels=unet.conv_in.in_channels, grid=scale, pooled_dim=pooled_dim,
     )
 
 
@@ -350,9 +358,12 @@ class LayeredUNet(torch.nn.Module):
     ``forward`` takes the tensors named in :attr:`input_names`, positionally and in that order, and
     returns a tuple in :attr:`output_names` order:
 
-    * inputs: ``sample`` (B, C, h, w); ``timestep`` (B,) float32; ``encoder_hidden_states``
+    * inputs: ``sample`` (B, C, h, w); ``timestep`` (B,) float32; ``names.TIMESTEP_COND`` (B, D_cond)
+      for LCM-distilled UNets (``time_cond_proj_dim``); ``encoder_hidden_states``
       (B, L, D) unless ``xattn == "read"`` (or the plan computes no attn2 at all, which no
-      SD 1.x/2.x shallow part does); ``names.DEEP_FEATURE`` if ``deep == "read"``; then one
+      SD 1.x/2.x shallow part does); SDXL UNets (``addition_embed_type="text_time"``) then take
+      ``names.TEXT_EMBEDS`` (B, P) and ``names.TIME_IDS`` (B, 6) float32 in every variant (they feed
+      the time embedding, which every layer uses); ``names.DEEP_FEATURE`` if ``deep == "read"``; then one
       :func:`xattn_tensor_name` per :func:`xattn_modules` entry if ``xattn == "read"``.
     * outputs: ``noise_pred`` (B, C_out, h, w); ``names.DEEP_FEATURE`` if ``deep == "write"``; then one
       xattn tensor per :func:`xattn_modules` entry if ``xattn == "write"``, each (B, h'·w', C').
@@ -383,6 +394,8 @@ class LayeredUNet(torch.nn.Module):
         # unused input anyway, and the graph's inputs must match these names.
         if plan.xattn != "read" and self.xattn_names:
             self.input_names.append(names.CONTEXT)
+        if self._topo.pooled_dim:
+            self.input_names += [names.TEXT_EMBEDS, names.TIME_IDS]
         if plan.deep == "read":
             self.input_names.append(names.DEEP_FEATURE)
         if plan.xattn == "read":
@@ -438,10 +451,13 @@ class LayeredUNet(torch.nn.Module):
         shapes[names.CONTEXT] = (batch, context_len, self._topo.context_dim)
         if self.time_cond_dim is not None:
             shapes[names.TIMESTEP_COND] = (batch, self.time_cond_dim)
+        shapes[names.TEXT_EMBEDS] = (batch, self._topo.pooled_dim)
         inputs = []
         for name in self.input_names:
             if name == names.TIMESTEP:
                 inputs.append(torch.randint(0, 1000, (batch,), generator=generator).to(torch.float32))
+            elif name == names.TIME_IDS:  # pixel sizes and crop offsets, as SDXL's pipeline passes them
+                inputs.append(torch.randint(0, 1025, (batch, 6), generator=generator).to(torch.float32))
             else:
                 inputs.append(torch.randn(shapes[name], generator=generator, dtype=dtype))
         return tuple(inputs)
@@ -461,6 +477,9 @@ class LayeredUNet(torch.nn.Module):
         expected[names.TIMESTEP] = (batch,)
         if self.time_cond_dim is not None:
             expected[names.TIMESTEP_COND] = (batch, self.time_cond_dim)
+        if self._topo.pooled_dim:
+            expected[names.TEXT_EMBEDS] = (batch, self._topo.pooled_dim)
+            expected[names.TIME_IDS] = (batch, 6)
         for name, shape in expected.items():
             if name in bound and tuple(bound[name].shape) != shape:
                 raise InputError(f"{name} has shape {tuple(bound[name].shape)}; expected {shape} for a "
@@ -490,7 +509,9 @@ class LayeredUNet(torch.nn.Module):
         with self._attn2_processors(processors):
             noise_pred, feature = self._run(bound[names.SAMPLE], bound[names.TIMESTEP],
                                             bound.get(names.CONTEXT), bound.get(names.DEEP_FEATURE),
-                                            bound.get(names.TIMESTEP_COND))
+                                            timestep_cond=bound.get(names.TIMESTEP_COND),
+                                            text_embeds=bound.get(names.TEXT_EMBEDS),
+                                            time_ids=bound.get(names.TIME_IDS))
         outputs = [noise_pred]
         if plan.deep == "write":
             outputs.append(feature)
@@ -516,8 +537,9 @@ class LayeredUNet(torch.nn.Module):
                 self.unet.get_submodule(name).set_processor(processor)
 
     def _run(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None,
-             cached: torch.Tensor | None,
-             timestep_cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             cached: torch.Tensor | None, timestep_cond: torch.Tensor | None = None,
+             text_embeds: torch.Tensor | None = None,
+             time_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The UNet in diffusers' op order; returns (noise_pred, DeepCache feature or None)."""
         unet, topo, plan = self.unet, self._topo, self.plan
 
@@ -526,6 +548,10 @@ class LayeredUNet(torch.nn.Module):
         # Time embedding: sinusoidal/Fourier projection (float32) cast to the model dtype, then the MLP
         # (which first adds the projected guidance embedding, for LCM-distilled UNets).
         emb = unet.time_embedding(unet.time_proj(timestep).to(dtype=sample.dtype), timestep_cond)
+        if topo.pooled_dim:
+            # SDXL "text_time": emb += MLP(cat[text_embeds, sinusoid(each of the 6 size ids)]).
+            sizes = unet.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)
+            emb = emb + unet.add_embedding(torch.concat([text_embeds, sizes], dim=-1).to(emb.dtype))
         if unet.time_embed_act is not None:
             emb = unet.time_embed_act(emb)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from postdiff.errors import ModelSourceError
 from postdiff.exporter.options import source_layout
@@ -85,6 +85,16 @@ class LoadedModel:
     scheduler_config: dict[str, Any]
     labels: tuple[str, ...] = ()  # label prompts by id; the null label (unconditional) is id len(labels)
     default_guidance: float = 7.5
+    # SDXL only: the second tokenizer and text encoder, and the pipeline's force_zeros_for_empty_prompt
+    # (model_index.json; diffusers' default True): an absent negative prompt is all-zero conditioning.
+    tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Two text encoders and a UNet with SDXL's "text_time" addition embedding."""
+        return self.text_encoder_2 is not None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -117,20 +127,29 @@ class LoadedModel:
         """Number of distinct ids the text encoder accepts."""
         return len(self.labels) + 1 if self.labels else int(self.text_encoder.config.vocab_size)
 
-    def token_ids(self, prompt: str) -> torch.Tensor:
-        """The id row (1, L) the text encoder graph takes for ``prompt`` (as the runtime makes it)."""
+    def token_ids(self, prompt: str, second: bool = False) -> torch.Tensor:
+        """The id row (1, L) the text encoder graph takes for ``prompt`` (as the runtime makes it);
+        ``second``: SDXL's second tokenizer."""
         if self.labels:
             from postdiff.runtime.tokenizer import label_id
 
             return torch.tensor([[label_id(prompt, self.labels)]], dtype=torch.int64)
-        return self.tokenizer(prompt, padding="max_length", max_length=self.tokenizer.model_max_length,
-                              truncation=True, return_tensors="pt").input_ids
+        tokenizer = self.tokenizer_2 if second else self.tokenizer
+        return tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
 
     def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """Conditioning states (1, L', D) for an id row."""
+        """Conditioning states (1, L', D) for an id row (SDXL: the first encoder's penultimate layer)."""
         if self.labels:
             return self.text_encoder(ids)
+        if self.is_sdxl:  # SDXL cross-attends to the penultimate layer, without the final LayerNorm
+            return self.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         return self.text_encoder(ids, return_dict=False)[0]
+
+    def encode_ids_2(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's second encoder: (penultimate hidden states (1, L, D2), pooled projection (1, P))."""
+        out = self.text_encoder_2(ids, output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds
 
 
 def load_model(source: str) -> LoadedModel:
@@ -147,8 +166,17 @@ def load_model(source: str) -> LoadedModel:
         return _random_tiny_sd(lcm=True)
     if source == "random:sd15":
         return _random_sd15()
-    if source_layout(source) == "label":
+    if source in _SDXL_BUILTINS:
+        from postdiff.exporter.sdxl_models import random_sdxl
+
+        return random_sdxl(source)
+    layout = source_layout(source)  # ModelSourceError: unknown built-in, missing folder, wrong layout
+    if layout == "label":
         return _load_label_folder(Path(source), source)
+    if layout == "sdxl":
+        from postdiff.exporter.sdxl_models import load_sdxl_folder
+
+        return load_sdxl_folder(Path(source))
     return _load_folder(Path(source))
 
 
@@ -202,6 +230,9 @@ def _load_label_folder(folder: Path, source: str) -> LoadedModel:
     return model
 
 
+_SDXL_BUILTINS = ("random:tiny-sdxl", "random:sdxl-slim", "random:sdxl")
+
+
 def _finish(source: str, tokenizer: CLIPTokenizer | None, text_encoder: torch.nn.Module,
             unet: UNet2DConditionModel, vae: AutoencoderKL | None, scheduler_config: dict[str, Any]) -> LoadedModel:
     for module in (text_encoder, unet, vae):
@@ -210,7 +241,7 @@ def _finish(source: str, tokenizer: CLIPTokenizer | None, text_encoder: torch.nn
     return LoadedModel(source, tokenizer, text_encoder, unet, vae, dict(scheduler_config))
 
 
-def build_byte_tokenizer(max_length: int = 77) -> CLIPTokenizer:
+def build_byte_tokenizer(max_length: int = 77, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """A CLIP BPE tokenizer built locally: the 512 byte-level symbols, a few merges, BOS/EOS.
 
     Real checkpoints bring their own tokenizer; the built-in random models only need ids that are
@@ -226,7 +257,7 @@ def build_byte_tokenizer(max_length: int = 77) -> CLIPTokenizer:
         vocab.setdefault(left + right, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length, pad_token=pad_token)
 
 
 def _byte_symbols() -> list[str]:

@@ -13,6 +13,7 @@ import inspect
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import diffusers
 import numpy as np
@@ -61,6 +62,15 @@ def seeded_noise(name: str, seed: int, start: int = 0) -> Iterator[None]:
         module.randn_tensor = original
 
 
+@dataclass(frozen=True)
+class TorchSdxlConditioning:
+    """SDXL conditioning as diffusers' pipeline computes it: [negative; positive] rows."""
+
+    context: torch.Tensor  # (2, L, D1 + D2)
+    text_embeds: torch.Tensor  # (2, P)
+    pipe: object  # the StableDiffusionXLPipeline that made them (for its _get_add_time_ids)
+
+
 class TorchReferenceExecutor:
     """Runs a schedule with torch modules; the same call signature as the runtime's pipeline."""
 
@@ -72,13 +82,16 @@ class TorchReferenceExecutor:
         self._feature: torch.Tensor | None = None
         self._xattn: dict[str, torch.Tensor] = {}
 
-    def encode(self, prompt: str, negative_prompt: str, guidance: float) -> torch.Tensor:
-        """[negative; positive] hidden states, as diffusers' pipeline computes them."""
+    def encode(self, prompt: str, negative_prompt: str, guidance: float) -> torch.Tensor | TorchSdxlConditioning:
+        """[negative; positive] hidden states (SDXL: and pooled embeddings), as diffusers' pipeline
+        computes them."""
+        if self.model.is_sdxl:
+            return sdxl_encode_pair(self.model, prompt, negative_prompt, guidance)
         return encode_pair(self.model, prompt, negative_prompt, guidance)
 
     @torch.no_grad()
-    def run(self, scheduler_name: str, latents: np.ndarray, context: torch.Tensor, guidance: float,
-            seed: int) -> np.ndarray:
+    def run(self, scheduler_name: str, latents: np.ndarray, context: torch.Tensor | TorchSdxlConditioning,
+            guidance: float, seed: int) -> np.ndarray:
         """Final latents for initial noise ``latents`` (numpy, at the first step's size)."""
         config = self.model.scheduler_config
         scheduler = diffusers_scheduler(scheduler_name, config)
@@ -106,6 +119,15 @@ class TorchReferenceExecutor:
     def _size(self, variant: Variant) -> tuple[int, int]:
         return latent_size(self.latent, variant.scale, self.model.downsample_factor)
 
+    def _time_ids(self, context: TorchSdxlConditioning, variant: Variant) -> torch.Tensor:
+        """diffusers' add_time_ids for a stage: original size = the full image, no crop, target size =
+        the stage's own pixel size (the rule docs/sdxl.md argues for)."""
+        scale = self.model.vae_scale_factor
+        full = (self.latent[0] * scale, self.latent[1] * scale)
+        stage_h, stage_w = self._size(variant)
+        return context.pipe._get_add_time_ids(full, (0, 0), (stage_h * scale, stage_w * scale), torch.float32,
+                                              int(self.model.text_encoder_2.config.projection_dim))
+
     def _module(self, variant: Variant) -> LayeredUNet:
         plan = LayerPlan(deep=variant.deep, branch=variant.branch, xattn=variant.xattn)
         if plan not in self._modules:
@@ -116,15 +138,21 @@ class TorchReferenceExecutor:
                   guidance: float) -> torch.Tensor:
         module = self._module(variant)
         batch = torch.cat([x, x]) if variant.batch == 2 else x
+        rows = slice(None) if variant.batch == 2 else slice(1, None)
         values = {
             names.SAMPLE: scheduler.scale_model_input(batch, t),
             names.TIMESTEP: t.to(torch.float32).expand(variant.batch),
-            names.CONTEXT: context if variant.batch == 2 else context[1:],
             DEEP_FEATURE: self._feature,
         }
         if module.time_cond_dim is not None:
             values[names.TIMESTEP_COND] = torch_guidance_embedding(guidance, module.time_cond_dim).expand(
                 variant.batch, -1)
+        if isinstance(context, TorchSdxlConditioning):
+            values[names.CONTEXT] = context.context[rows]
+            values[names.TEXT_EMBEDS] = context.text_embeds[rows]
+            values[names.TIME_IDS] = self._time_ids(context, variant).expand(variant.batch, 6)
+        else:
+            values[names.CONTEXT] = context[rows]
         values.update(self._xattn)
         outputs = dict(zip(module.output_names, module(*(values[n] for n in module.input_names))))
         if variant.deep == "write":
@@ -159,6 +187,32 @@ def encode_pair(model: LoadedModel, prompt: str, negative_prompt: str, guidance:
 
     positive = hidden(prompt)
     return torch.cat([hidden(negative_prompt) if guidance > 1.0 else positive, positive])
+
+
+def sdxl_pipeline(model: LoadedModel, scheduler=None):
+    """diffusers' ``StableDiffusionXLPipeline`` over the model's modules (no watermarker)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline(
+        vae=model.vae, text_encoder=model.text_encoder, text_encoder_2=model.text_encoder_2, tokenizer=model.tokenizer,
+        tokenizer_2=model.tokenizer_2, unet=model.unet,
+        scheduler=scheduler or diffusers.DDIMScheduler.from_config(model.scheduler_config),
+        force_zeros_for_empty_prompt=model.force_zeros_for_empty_prompt, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sdxl_encode_pair(model: LoadedModel, prompt: str, negative_prompt: str, guidance: float) -> TorchSdxlConditioning:
+    """[negative; positive] SDXL conditioning from diffusers' own ``encode_prompt``; an empty negative
+    prompt is passed as none (diffusers then zeroes it when force_zeros_for_empty_prompt)."""
+    pipe = sdxl_pipeline(model)
+    guided = guidance > 1.0
+    positive, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt, do_classifier_free_guidance=guided, negative_prompt=negative_prompt or None)
+    if not guided:
+        negative, negative_pooled = positive, pooled
+    return TorchSdxlConditioning(torch.cat([negative, positive]), torch.cat([negative_pooled, pooled]), pipe)
 
 
 def _predict_x0(scheduler, eps: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -226,8 +280,8 @@ def diffusers_generate(model: LoadedModel, scheduler_name: str, prompt: str, neg
                        seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Plain generation in PyTorch, the way diffusers does it: final latents and uint8 image (H, W, C).
 
-    Text-conditioned models run diffusers' own ``StableDiffusionPipeline`` (then its VAE and image
-    processor). Label-conditioned pixel-space models (``digits``) have no diffusers pipeline; they
+    Text-conditioned models run diffusers' own ``StableDiffusionPipeline`` (SDXL models its
+    ``StableDiffusionXLPipeline``), then its VAE decode. Label-conditioned pixel-space models (``digits``) have no diffusers pipeline; they
     run the same loop on the diffusers UNet and scheduler: scale the duplicated sample, one batch-2
     UNet call, classifier-free guidance, scheduler step. ``steps`` is diffusers' num_inference_steps;
     ``seed`` seeds the noise of the stochastic samplers as the runtime does (:func:`seeded_noise`).
@@ -254,6 +308,12 @@ def _diffusers_generate(model: LoadedModel, scheduler, prompt: str, negative_pro
             eps = uncond + guidance * (cond - uncond) if guidance > 1.0 else cond
             x = scheduler.step(eps, t, x, return_dict=False)[0]
         return x.numpy(), _postprocessed(VaeImageProcessor(), x)
+    if model.is_sdxl:
+        pipe = sdxl_pipeline(model, scheduler)
+        final = pipe(prompt, negative_prompt=negative_prompt or None, height=height, width=width,
+                     num_inference_steps=steps, guidance_scale=guidance, latents=torch.from_numpy(latents),
+                     output_type="latent").images
+        return final.numpy(), _postprocessed(pipe.image_processor, decode_latents(model, final))
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                                    unet=model.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -269,3 +329,17 @@ def _postprocessed(processor, decoded: torch.Tensor) -> np.ndarray:
     (``postprocess(..., output_type="pil")``), as uint8 (H, W, C)."""
     pixels = np.asarray(processor.postprocess(decoded, output_type="pil")[0])
     return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+@torch.no_grad()
+def decode_latents(model: LoadedModel, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE decode diffusers' pipelines do after denoising: unscale (SDXL-style latents mean/std
+    when the VAE config has them), then decode."""
+    config = model.vae.config
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, config.latent_channels, 1, 1)
+        latents = latents * torch.tensor(std).view(shape) / config.scaling_factor + torch.tensor(mean).view(shape)
+    else:
+        latents = latents / config.scaling_factor
+    return model.vae.decode(latents, return_dict=False)[0]

@@ -34,15 +34,42 @@ class TextEncoderGraph(torch.nn.Module):
         return self._encode(input_ids)
 
 
+class SecondTextEncoderGraph(torch.nn.Module):
+    """SDXL's second encoder: input_ids (1, L) int64 -> (penultimate hidden states (1, L, D2),
+    pooled projection ``text_embeds`` (1, P))."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        super().__init__()
+        self.text_encoder_2 = model.text_encoder_2
+        self._encode = model.encode_ids_2
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._encode(input_ids)
+
+
 class VaeDecoderGraph(torch.nn.Module):
-    """latents (1, C, h, w) -> image (1, 3, H, W) in [-1, 1]; the 1/scaling_factor is inside."""
+    """latents (1, C, h, w) -> image (1, 3, H, W) in [-1, 1]; the latent unscaling is inside:
+    ``latents / scaling_factor``, or ``latents * std / scaling_factor + mean`` for VAEs whose config
+    carries ``latents_mean`` / ``latents_std`` (as diffusers' SDXL pipeline decodes)."""
 
     def __init__(self, model: LoadedModel) -> None:
         super().__init__()
         self.vae = model.vae
+        config = model.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        channels = config.latent_channels
+        self._stats = None if mean is None or std is None else (
+            torch.tensor(mean, dtype=torch.float32).reshape(1, channels, 1, 1),
+            torch.tensor(std, dtype=torch.float32).reshape(1, channels, 1, 1))
 
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        scaling = self.vae.config.scaling_factor
+        if self._stats is None:
+            latents = latents / scaling
+        else:
+            mean, std = (s.to(latents.dtype) for s in self._stats)
+            latents = latents * std / scaling + mean
+        return self.vae.decode(latents, return_dict=False)[0]
 
 
 @dataclass(frozen=True)
@@ -65,6 +92,9 @@ def text_and_decoder_plans(model: LoadedModel, height: int, width: int) -> list[
     ids = torch.randint(0, model.vocab_size, (1, model.id_length), generator=generator)
     plans = [GraphPlan(names.TEXT_ENCODER, names.TEXT_ENCODER, TextEncoderGraph(model), {names.INPUT_IDS: ids},
                        (names.HIDDEN_STATES,))]
+    if model.is_sdxl:
+        plans.append(GraphPlan(names.TEXT_ENCODER_2, names.TEXT_ENCODER_2, SecondTextEncoderGraph(model),
+                               {names.INPUT_IDS: ids.clone()}, (names.HIDDEN_STATES, names.TEXT_EMBEDS)))
     if model.vae is not None:
         latent_h, latent_w = height // model.vae_scale_factor, width // model.vae_scale_factor
         latents = torch.randn(1, model.vae.config.latent_channels, latent_h, latent_w, generator=generator)
@@ -82,6 +112,10 @@ def unet_plan(model: LoadedModel, variant: UNetVariant, dynamic: bool = False) -
                                     model.context_length, generator)
     inputs = dict(zip(module.input_names, example))
     inputs[names.TIMESTEP] = torch.full((variant.batch,), 500.0, dtype=inputs[names.TIMESTEP].dtype)
+    if names.TIME_IDS in inputs:  # SDXL size ids as the pipeline makes them at this latent size
+        side_h, side_w = (s * model.vae_scale_factor for s in variant.latent)
+        inputs[names.TIME_IDS] = torch.tensor([[side_h, side_w, 0, 0, side_h, side_w]] * variant.batch,
+                                              dtype=torch.float32)
     name = names.unet_graph_name(variant.latent, variant.batch, variant.deep, variant.branch, variant.xattn)
     return GraphPlan(name, names.UNET, module, inputs, tuple(module.output_names), variant, dynamic)
 
@@ -95,10 +129,12 @@ def dynamic_axes(tensor: str) -> dict[int, str]:
 
 
 def half_precision(plan: GraphPlan) -> GraphPlan:
-    """``plan`` with its module and floating-point example inputs in fp16 (the timestep stays
-    fp32: Euler's fractional timesteps would round in half precision)."""
+    """``plan`` with its module and floating-point example inputs in fp16 (the timestep and SDXL's
+    size ids stay fp32: Euler's fractional timesteps would round in half precision, and both go
+    through float32 sinusoidal projections)."""
     plan.module.half()
-    inputs = {k: v.half() if v.is_floating_point() and k != names.TIMESTEP else v for k, v in plan.inputs.items()}
+    keep = (names.TIMESTEP, names.TIME_IDS)
+    inputs = {k: v.half() if v.is_floating_point() and k not in keep else v for k, v in plan.inputs.items()}
     return GraphPlan(plan.name, plan.role, plan.module, inputs, plan.outputs, plan.variant, plan.dynamic)
 
 

@@ -76,6 +76,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     and any number of seeds per prompt, all from one load."""
     import numpy as np
 
+    from postdiff.runtime.conditioning import SizeConditioning
     from postdiff.profiles.presets import resolve_schedule
     from postdiff.runtime.batch import batch_requests, generate_batch, output_paths
     from postdiff.runtime.pipeline import GenerateOptions, Pipeline
@@ -97,6 +98,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                            guidance=0.0 if args.guidance is None else args.guidance,  # the default guidance is
                            scheduler=args.scheduler)  # the bundle's
     base.validate()
+    sizes = SizeConditioning(original_size=args.original_size, crop_top_left=args.crop_top_left or (0, 0),
+                             target_size=args.target_size)
+    sizes.validate()
     requests = batch_requests(jobs, base, args.num_images)
     paths = output_paths(Path(args.out), len(requests), args.overwrite)
     if len(requests) > 1 and (args.latents or args.save_latents):
@@ -107,8 +111,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     pipeline = Pipeline(Path(args.bundle), provider=args.provider, verify=not args.no_verify,
                         memory_budget_mb=args.memory_budget, precision=args.precision)
     guidance = pipeline.manifest.model.default_guidance if args.guidance is None else args.guidance
+    if pipeline.manifest.sdxl is None and sizes != SizeConditioning():
+        raise InputError("--original-size / --crop-top-left / --target-size are SDXL's size conditioning; this "
+                         "bundle's model has none: drop them")
     requests = [GenerateOptions(prompt=r.prompt, negative_prompt=r.negative_prompt, seed=r.seed, steps=r.steps,
-                                guidance=guidance, scheduler=r.scheduler) for r in requests]
+                                guidance=guidance, scheduler=r.scheduler, sizes=sizes) for r in requests]
     if schedule is None:
         default = pipeline.default_schedule(guidance)
         if default is not None:
@@ -159,6 +166,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         f"not recorded: {bundle} is read-only (loads will hash again; see --no-verify)"
     print(f"verified {result.checked} files of {bundle} in {time.perf_counter() - started:.1f} s; {stamp}")
     return EXIT_OK
+
+
+def _pixel_pair(text: str) -> tuple[int, int]:
+    """``"1024x768"`` -> (1024, 768), for argparse (its error names the flag)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"'{text}' is not two whole pixel counts like 1024x1024")
+    return int(parts[0]), int(parts[1])
 
 
 def _load_latents(path: Path):  # -> np.ndarray
@@ -341,8 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     export = sub.add_parser("export", help=_cmd_export.__doc__, description=_cmd_export.__doc__)
-    export.add_argument("model", help=f"local diffusers folder (SD 1.x/2.x layout) or a built-in spec: {models} "
-                                      "(digits is the embedded MNIST model)")
+    export.add_argument("model", help=f"local diffusers folder (SD 1.x/2.x or SDXL layout) or a built-in spec: "
+                                      f"{models} (digits is the embedded MNIST model; random:sdxl-slim is SDXL's "
+                                      "layout at 1/5 width, the benchmark model; random:sdxl the full SDXL "
+                                      "architecture: a workstation export, docs/sdxl.md)")
     export.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
     export.add_argument("--resolution", metavar="HxW", help="image size in pixels (default: the model's)")
     export.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision")
@@ -386,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sampler (default: the one the model ships, recorded in the bundle; an error naming "
                           "the supported ones if postdiff does not port it)")
     _add_provider_flags(gen)
+    gen.add_argument("--original-size", type=_pixel_pair, metavar="HxW",
+                     help="SDXL: original size conditioning in pixels (default: the image size)")
+    gen.add_argument("--crop-top-left", type=_pixel_pair, metavar="YxX",
+                     help="SDXL: crop top-left conditioning in pixels (default: 0x0)")
+    gen.add_argument("--target-size", type=_pixel_pair, metavar="HxW",
+                     help="SDXL: target size conditioning in pixels (default: the image size; a low-resolution "
+                          "stage carries it scaled to its own size, docs/sdxl.md)")
     gen.add_argument("--unet", default="auto", choices=UNET_FORMS,
                      help="UNet form to run: per-variant graphs or the merged graph of `export --merged` "
                           "(default auto: per-variant graphs where the bundle has them)")

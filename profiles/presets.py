@@ -42,6 +42,13 @@ PRESETS: dict[str, tuple[ScheduleKnobs, str]] = {
         "PostDiff on an LCM (guidance as an embedding, no CFG): 6 steps, the first 2 at 1/2 side length, "
         "DeepCache interval 2 (branch 1), cross-attention gate_step 3 (maps written at step 2, read after it)",
     ),
+    "postdiff-sdxl": (
+        ScheduleKnobs(steps=20, low_res=((0.75, 10),), deepcache_interval=2, deepcache_branch=0, xattn_gate=5,
+                      xattn_mode="cond"),
+        "PostDiff on SDXL (ICCV 2025: beta = 3/4): first 10 of 20 steps at 3/4 side length, DeepCache interval 2 "
+        "on branch 0 (cache_branch_id 0, as DeepCache's and T-GATE's SDXL settings), cross-attention gate_step 5 "
+        "(T-GATE's count: 5 guided steps) caching the conditional maps; size ids per stage: docs/sdxl.md",
+    ),
 }
 
 

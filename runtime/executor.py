@@ -21,10 +21,11 @@ import numpy as np
 
 from postdiff.errors import InputError, ScheduleError
 from postdiff.runtime.clock import process_age_s
+from postdiff.runtime.conditioning import Conditioning
 from postdiff.runtime.guidance import guidance_embedding
 from postdiff.runtime.manifest import Manifest, ServedVariant, UNetVariant, describe_variant
-from postdiff.runtime.names import (CONTEXT, DEEP_FEATURE, NOISE_PRED, SAMPLE, TIMESTEP, TIMESTEP_COND,
-                                   XATTN_PREFIX)
+from postdiff.runtime.names import (CONTEXT, DEEP_FEATURE, NOISE_PRED, SAMPLE, TEXT_EMBEDS, TIME_IDS, TIMESTEP,
+                                    TIMESTEP_COND, XATTN_PREFIX)
 from postdiff.runtime.resize import resize_bilinear
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.branch import BranchRunner
@@ -113,6 +114,7 @@ class _Graph:
     context_dtype: np.dtype | None  # None: the graph takes no context (its attn2 outputs are replayed)
     xattn_inputs: tuple[str, ...]
     cond_dtype: np.dtype | None = None  # the guidance embedding's, for UNets that take one (LCM)
+    added_dtypes: tuple[np.dtype, np.dtype] | None = None  # SDXL: (text_embeds, time_ids) dtypes
 
 
 class ScheduleExecutor:
@@ -145,6 +147,7 @@ class ScheduleExecutor:
         self._feature: np.ndarray | None = None
         self._xattn: dict[str, np.ndarray] = {}
         self._contexts: dict[tuple[int, np.dtype], np.ndarray] = {}
+        self._added: dict[tuple[int, tuple[int, int]], dict[str, np.ndarray]] = {}
         self.first_call_age_s: float | None = None  # process age at this executor's first UNet call
 
     def phases(self) -> list[list[str]]:
@@ -184,14 +187,15 @@ class ScheduleExecutor:
         h, w = concrete(self.manifest, self._plans[0].variant).latent
         return (1, self.manifest.model.latent_channels, h, w)
 
-    def run(self, scheduler: Scheduler, latents: np.ndarray, context: np.ndarray, guidance: float, seed: int,
-            on_step: Callable[[], None] | None = None) -> np.ndarray:
+    def run(self, scheduler: Scheduler, latents: np.ndarray, context: np.ndarray | Conditioning, guidance: float,
+            seed: int, on_step: Callable[[], None] | None = None) -> np.ndarray:
         """Denoise ``latents`` (initial noise at the first step's size, unscaled) and return the
         final full-resolution latents.
 
         Args:
             scheduler: a fresh scheduler; its timesteps are set here, one per step of the schedule.
-            context: [negative; positive] encoder states (2, L, D).
+            context: [negative; positive] encoder states (2, L, D), or the whole
+                :class:`~postdiff.runtime.conditioning.Conditioning` (SDXL bundles need it).
             guidance: classifier-free guidance scale for the steps with ``cfg`` on (<= 1: off, the
                 conditional prediction alone).
             seed: seeds the re-noising at resolution switches.
@@ -210,7 +214,9 @@ class ScheduleExecutor:
                 f"the {len(self._plans)} steps of schedule '{self.schedule.name}' (its configuration drops "
                 "some, e.g. lambda_min_clipped); use another scheduler or fewer steps"
             )
-        self._feature, self._xattn, self._contexts = None, {}, {}
+        self._feature, self._xattn, self._contexts, self._added = None, {}, {}, {}
+        if not isinstance(context, Conditioning):
+            context = Conditioning(context)
         dim = self.manifest.model.guidance_embedding
         self._cond = guidance_embedding(guidance, dim) if dim else None
         releases = self._last_uses() if self._release is not None else {}
@@ -231,7 +237,7 @@ class ScheduleExecutor:
         self._graphs = {v: g for v, g in self._graphs.items() if self._graph_of[v].name != name}
         self._release(name)
 
-    def _switch(self, plan: StepPlan, scheduler: Scheduler, x: np.ndarray, t: np.generic, context: np.ndarray,
+    def _switch(self, plan: StepPlan, scheduler: Scheduler, x: np.ndarray, t: np.generic, context: Conditioning,
                 guidance: float, seed: int) -> np.ndarray:
         """Resolution switch (DESIGN §1): x̂0 from the old resolution at t, bilinear upsample,
         re-noise to the same t with fresh seeded noise, and restart the solver's history."""
@@ -251,20 +257,38 @@ class ScheduleExecutor:
             if ref.served is not None:
                 runner = BranchRunner(runner, ref.served)
             inputs = {t.name: np.dtype(t.dtype) for t in runner.spec.inputs}
+            added = (inputs[TEXT_EMBEDS], inputs[TIME_IDS]) if TIME_IDS in inputs else None
             self._graphs[variant] = _Graph(runner, inputs[SAMPLE], inputs[TIMESTEP], inputs.get(CONTEXT),
                                            tuple(n for n in inputs if n.startswith(XATTN_PREFIX)),
-                                           inputs.get(TIMESTEP_COND))
+                                           cond_dtype=inputs.get(TIMESTEP_COND), added_dtypes=added)
         return self._graphs[variant]
 
-    def _context(self, context: np.ndarray, batch: int, dtype: np.dtype) -> np.ndarray:
+    def _context(self, context: Conditioning, batch: int, dtype: np.dtype) -> np.ndarray:
         """The context rows a batch-``batch`` graph takes, cast once per run (not on every step)."""
         key = (batch, dtype)
         if key not in self._contexts:
-            self._contexts[key] = (context if batch == 2 else context[1:]).astype(dtype, copy=False)
+            self._contexts[key] = context.rows(batch).context.astype(dtype, copy=False)
         return self._contexts[key]
 
+    def _added_inputs(self, context: Conditioning, variant: Variant, graph: _Graph) -> dict[str, np.ndarray]:
+        """SDXL's pooled embeddings and size ids for this batch and stage, made once per run."""
+        latent = concrete(self.manifest, variant).latent
+        key = (variant.batch, latent)
+        if key not in self._added:
+            rows = context.rows(variant.batch)
+            if rows.text_embeds is None:
+                raise ScheduleError(f"UNet graph {graph.runner.spec.file} takes SDXL's {TEXT_EMBEDS} and {TIME_IDS} "
+                                    "but the generation carries no pooled embeddings; generate through "
+                                    "Pipeline.generate (it encodes SDXL prompts with both encoders)")
+            scale = self.manifest.model.vae_scale_factor
+            pixels = (latent[0] * scale, latent[1] * scale)
+            embeds_dtype, ids_dtype = graph.added_dtypes
+            self._added[key] = {TEXT_EMBEDS: rows.text_embeds.astype(embeds_dtype, copy=False),
+                                TIME_IDS: context.time_ids(variant.batch, pixels).astype(ids_dtype, copy=False)}
+        return self._added[key]
+
     def _evaluate(self, variant: Variant, scheduler: Scheduler, x: np.ndarray, t: np.generic,
-                  context: np.ndarray, guidance: float) -> np.ndarray:
+                  context: Conditioning, guidance: float) -> np.ndarray:
         """One UNet evaluation; returns the (guided) noise prediction for one latent."""
         graph = self._graph(variant)
         batch = np.concatenate([x, x]) if variant.batch == 2 else x
@@ -274,6 +298,8 @@ class ScheduleExecutor:
             feed[CONTEXT] = self._context(context, variant.batch, graph.context_dtype)
         if graph.cond_dtype is not None:
             feed[TIMESTEP_COND] = np.repeat(self._cond, variant.batch, axis=0).astype(graph.cond_dtype, copy=False)
+        if graph.added_dtypes is not None:
+            feed.update(self._added_inputs(context, variant, graph))
         if variant.deep == "read":
             feed[DEEP_FEATURE] = self._feature
         if variant.xattn == "read":

@@ -163,6 +163,21 @@ class TokenizerSpec:
 
 
 @dataclass(frozen=True)
+class SdxlConditioning:
+    """How an SDXL bundle conditions its UNet beyond the cross-attention states.
+
+    The prompt goes through both text-encoder graphs (``text_encoder``, ``text_encoder_2``, each
+    with its own tokenizer); their hidden states concatenate along the width into the context, and
+    ``text_encoder_2``'s ``text_embeds`` is the pooled embedding the UNet takes. The UNet also takes
+    ``time_ids``: original size, crop top-left, target size, in pixels (docs/sdxl.md).
+    ``force_zeros_for_empty_prompt``: an empty negative prompt is all-zero conditioning (states
+    and pooled), as diffusers' SDXL pipeline does when no negative prompt is given.
+    """
+
+    force_zeros_for_empty_prompt: bool
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What model the bundle was made from and the geometry the runtime needs."""
 
@@ -197,6 +212,8 @@ class Manifest:
     weights: SharedWeights
     schedules: tuple[str, ...] = ()  # the schedules the bundle was exported for
     scheduler_class: str = ""  # the diffusers class the model ships: generate's default sampler
+    tokenizer_2: TokenizerSpec | None = None  # SDXL: the second encoder's tokenizer
+    sdxl: SdxlConditioning | None = None  # SDXL bundles only
 
     @cached_property
     def merged_unet(self) -> str | None:
@@ -304,5 +321,7 @@ def bundle_files(manifest: Manifest) -> dict[str, str]:
     files = {spec.file: spec.sha256 for spec in manifest.graphs.values()}
     if manifest.tokenizer.file:
         files[manifest.tokenizer.file] = manifest.tokenizer.sha256
+    if manifest.tokenizer_2 is not None and manifest.tokenizer_2.file:
+        files[manifest.tokenizer_2.file] = manifest.tokenizer_2.sha256
     files[manifest.weights.file] = manifest.weights.sha256
     return files

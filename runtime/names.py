@@ -5,15 +5,23 @@ shapes and dtypes, in the manifest; the runtime addresses tensors by these names
 """
 
 TEXT_ENCODER, UNET, VAE_DECODER = "text_encoder", "unet", "vae_decoder"
+# SDXL's second text encoder (CLIPTextModelWithProjection): graph name and role.
+TEXT_ENCODER_2 = "text_encoder_2"
+TEXT_ENCODERS = (TEXT_ENCODER, TEXT_ENCODER_2)  # roles the exporter keeps in fp32
 
 INPUT_IDS = "input_ids"  # text encoder in: (1, L) token ids
-HIDDEN_STATES = "last_hidden_state"  # text encoder out: (1, L, D)
+# Text encoder out: (1, L, D), the states the UNet cross-attends to (SD: CLIP's last hidden state;
+# SDXL: each encoder's penultimate hidden state, concatenated by the runtime along D).
+HIDDEN_STATES = "last_hidden_state"
 
 SAMPLE = "sample"  # UNet in: (B, C, h, w) scaled latents
 TIMESTEP = "timestep"  # UNet in: (B,) float32
 CONTEXT = "encoder_hidden_states"  # UNet in: (B, L, D)
 TIMESTEP_COND = "timestep_cond"  # UNet in: (B, D') guidance-scale embedding, models distilled with one (LCM)
 NOISE_PRED = "noise_pred"  # UNet out: (B, C, h, w)
+# SDXL's added conditioning (diffusers' ``added_cond_kwargs`` keys, addition_embed_type "text_time"):
+TEXT_EMBEDS = "text_embeds"  # text_encoder_2 out (1, P) pooled + projected; UNet in (B, P)
+TIME_IDS = "time_ids"  # UNet in: (B, 6) float32: original size (h, w), crop top-left (y, x), target size (h, w)
 
 LATENTS = "latents"  # VAE decoder in: (1, C, h, w) unscaled latents
 IMAGE = "image"  # VAE decoder out: (1, 3, H, W) in [-1, 1]

@@ -17,11 +17,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from postdiff.errors import InputError, ScheduleError
+from postdiff.runtime.conditioning import Conditioning, SdxlPromptEncoder, SizeConditioning
 from postdiff.runtime.executor import ScheduleExecutor, concrete, resolve_graphs
 from postdiff.runtime.image import to_uint8
 from postdiff.runtime.manifest import Manifest, load_manifest
 from postdiff.runtime.memory import Phase, PhaseEstimate, check_budget, estimate, step_phases
-from postdiff.runtime.names import HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, UNET, VAE_DECODER
+from postdiff.runtime.names import (HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, TEXT_ENCODERS, UNET,
+                                    VAE_DECODER)
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.providers import AUTO_PRECISION, get_provider
 from postdiff.runtime.schedule import PLAIN_UNGUIDED, Schedule, plain_schedule
@@ -40,6 +42,7 @@ class GenerateOptions:
     steps: int = 20
     guidance: float = 7.5
     scheduler: str | None = None  # a key of SCHEDULERS; None: the sampler the model ships
+    sizes: SizeConditioning = SizeConditioning()  # SDXL's micro-conditioning (ignored by SD bundles)
 
     def validate(self) -> None:
         """Raise InputError for values no schedule can run."""
@@ -138,6 +141,7 @@ class Pipeline:
         if memory_budget_mb is not None and not memory_budget_mb > 0:
             raise InputError(f"--memory-budget {memory_budget_mb} is not a positive number of MB")
         self.memory_budget_mb = memory_budget_mb
+        self._sdxl = SdxlPromptEncoder(self.manifest, self.bundle, self.runner) if self.manifest.sdxl else None
         self._engines = None
         if self.backend == "tensorrt":  # our runner: engines from `postdiff compile`, the UNet merged when compiled so
             from postdiff.runtime.engines import load_engines
@@ -168,7 +172,7 @@ class Pipeline:
 
                 shared = self._pool.initializers(spec) if self._pool is not None else None
                 self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads,
-                                                prepack=name != TEXT_ENCODER, arena=self.memory_budget_mb is None)
+                                                prepack=name not in TEXT_ENCODERS, arena=self.memory_budget_mb is None)
             self.timings["sessions_s"] += time.perf_counter() - started
         return self._runners[name]
 
@@ -251,7 +255,8 @@ class Pipeline:
 
     def phases(self, schedule: Schedule) -> list[Phase]:
         """The phases of one generation of ``schedule`` under a memory budget, in order."""
-        phases = [Phase("encode", (TEXT_ENCODER,))] if TEXT_ENCODER in self.manifest.graphs else []
+        encoders = tuple(name for name in TEXT_ENCODERS if name in self.manifest.graphs)
+        phases = [Phase("encode", encoders)] if encoders else []
         phases += step_phases(self.executor(schedule).phases())
         if VAE_DECODER in self.manifest.graphs:
             phases.append(Phase("decode", (VAE_DECODER,)))
@@ -322,14 +327,32 @@ class Pipeline:
             self.release(VAE_DECODER)
         return image
 
+    def conditioning(self, options: GenerateOptions) -> Conditioning:
+        """Everything the UNet is conditioned on, [negative; positive] (SDXL: both encoders, pooled
+        embeddings and size ids; runtime/conditioning.py)."""
+        if self._sdxl is not None:
+            model = self.manifest.model
+            pair = self._sdxl.pair(options.prompt, options.negative_prompt, options.guidance, options.sizes,
+                                   (model.height, model.width))
+            self._release_encoders()
+            return pair
+        return Conditioning(self.encode_pair(options))
+
     def encode_pair(self, options: GenerateOptions) -> np.ndarray:
         """[negative; positive] encoder states (2, L, D); both rows carry the prompt when guidance is
         off, so that only the conditional half matters."""
+        if self._sdxl is not None:
+            return self.conditioning(options).context
         positive = self.encode_prompt(options.prompt)
         negative = self.encode_prompt(options.negative_prompt) if options.guidance > 1.0 else positive
-        if self.memory_budget_mb is not None:
-            self.release(TEXT_ENCODER)
+        self._release_encoders()
         return np.concatenate([negative, positive])
+
+    def _release_encoders(self) -> None:
+        """Under a memory budget: close the text encoders once the prompts are encoded."""
+        if self.memory_budget_mb is not None:
+            for name in TEXT_ENCODERS:
+                self.release(name)
 
     def generate(self, options: GenerateOptions, latents: np.ndarray | None = None, progress: bool = False,
                  schedule: Schedule | None = None, on_step: Callable[[], None] | None = None) -> Generation:
@@ -350,10 +373,10 @@ class Pipeline:
         for text in (options.prompt, options.negative_prompt):  # a prompt the tokenizer refuses: before compute
             self.token_ids(text)
         scheduler = self.scheduler(options)
-        context = self.encode_pair(options)
+        conditioning = self.conditioning(options)
         bar = tqdm(total=len(plan.steps), desc=plan.name, disable=not progress or on_step is not None, leave=False)
         with bar:
-            final = executor.run(scheduler, latents, context, options.guidance, options.seed,
+            final = executor.run(scheduler, latents, conditioning, options.guidance, options.seed,
                                  on_step=on_step or bar.update)
         if "load_s" not in self.timings and executor.first_call_age_s is not None:
             self.timings["load_s"] = executor.first_call_age_s

@@ -161,8 +161,8 @@ def test_unreadable_model_folder(capsys, tmp_path: Path) -> None:
 
 
 def test_unknown_builtin_model(capsys, tmp_path: Path) -> None:
-    code, err = run_cli(capsys, "export", "random:sdxl", "--out", str(tmp_path / "b"), "--quiet")
-    assert code == 2 and "unknown built-in model 'random:sdxl'" in err
+    code, err = run_cli(capsys, "export", "random:sd3", "--out", str(tmp_path / "b"), "--quiet")
+    assert code == 2 and "unknown built-in model 'random:sd3'" in err
 
 
 def test_export_destination_exists(capsys, tiny_bundle: Path) -> None:

@@ -298,8 +298,8 @@ def test_bad_inputs_at_forward(tiny) -> None:
     dict(down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"),
          up_block_types=("UpBlock2D", "SimpleCrossAttnUpBlock2D")),
     dict(num_class_embeds=10),
-    dict(time_cond_proj_dim=8),
-], ids=["block-type", "class-embedding", "time-cond"])
+    dict(addition_embed_type="text"),  # only SDXL's "text_time" addition embedding is ported
+], ids=["block-type", "class-embedding", "text-addition"])
 def test_unsupported_unets_are_rejected(change) -> None:
     unet = make_unet(**{**TINY, **change})
     with pytest.raises(ModelSourceError, match="SD|Stable Diffusion"):

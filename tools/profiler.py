@@ -33,7 +33,7 @@ from postdiff.errors import InputError
 from postdiff.runtime.executor import concrete, required_graphs, switch_noise
 from postdiff.runtime.manifest import Manifest, TensorSpec, dump_manifest
 from postdiff.runtime.memory import Phase, check_budget, estimate
-from postdiff.runtime.names import TEXT_ENCODER, TIMESTEP, VAE_DECODER
+from postdiff.runtime.names import TEXT_ENCODERS, TIMESTEP, VAE_DECODER
 from postdiff.runtime.pipeline import Pipeline
 from postdiff.runtime.runners.openvino import openvino_module
 from postdiff.runtime.runners.providers import AUTO_PRECISION, get_provider
@@ -367,14 +367,18 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
 
 
 def graph_calls(manifest: Manifest, schedule: Schedule) -> list[str]:
-    """The graphs one ``Pipeline.generate`` of ``schedule`` calls, in order: the text encoder twice,
+    """The graphs one ``Pipeline.generate`` of ``schedule`` calls, in order: the text encoder(s) twice
+    (SDXL with an empty negative prompt that is zeros: once each),
     every UNet evaluation (a switch's x̂0 evaluation before its step's own), the VAE decoder.
 
     Raises:
         ScheduleError: the schedule needs graphs the bundle was not exported with.
     """
     required_graphs(manifest, schedule)  # ScheduleError naming what the bundle lacks
-    calls = [TEXT_ENCODER, TEXT_ENCODER] if TEXT_ENCODER in manifest.graphs else []
+    # Each text encoder (SDXL has two) twice: prompt and negative prompt; once for an SDXL model whose
+    # empty negative prompt (the default) is zeros (force_zeros_for_empty_prompt).
+    encodes = 1 if manifest.sdxl is not None and manifest.sdxl.force_zeros_for_empty_prompt else 2
+    calls = [name for name in TEXT_ENCODERS if name in manifest.graphs for _ in range(encodes)]
     for plan in plan_steps(schedule):
         if plan.switch_from is not None:
             calls.append(manifest.unet_graph(concrete(manifest, plan.switch_from)))
