@@ -177,7 +177,9 @@ def connect(ray: Any, address: str) -> bool:
         return False
     try:
         if address == LOCAL:
-            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False)
+            # a local instance listens on the loopback address only
+            ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                     _node_ip_address="127.0.0.1")
         else:
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
