@@ -23,7 +23,8 @@ for key, s in scheds.items():
 export_bundle(ExportOptions(source=model_name, out=tmp / "b", schedules=tuple(paths)), progress=False)
 pipe = Pipeline(tmp / "b"); model = load_model(model_name)
 guidance = pipe.manifest.model.default_guidance
-opts = GenerateOptions(prompt=prompt, negative_prompt=negative, seed=0, steps=steps, guidance=guidance)
+opts = GenerateOptions(prompt=prompt, negative_prompt=negative, seed=0, steps=steps, guidance=guidance,
+                       scheduler="ddim")  # the oracle runs DDIM
 ctx = torch.cat([model.encode_ids(model.token_ids(t)) for t in (negative, prompt)])
 lat = pipe.initial_latents(0)
 for mode in ("ave", "cond"):
