@@ -38,7 +38,7 @@ def cluster() -> str:
     """The address of a local Ray instance shared by this module's tests (started once: it is slow)."""
     if ray.is_initialized():
         ray.shutdown()
-    # on the loopback address: the tests send nothing beyond this machine's 127.0.0.0/8
+    # the loopback node address (Ray may still bind the host's own interface address for its GCS)
     ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
@@ -130,7 +130,12 @@ def test_ctrl_c_leaves_the_cache_consistent_and_a_rerun_computes_only_the_rest(
     # The command line in a child process, on the tests' small candidate space (as test_tune does it).
     script = ("import sys; from postdiff.cli import main; from postdiff.tools import tune; "
               "pool = [c for c in tune.candidates() if c.name in sys.argv[1].split(',')]; "
-              "tune.candidates = lambda *args, **kwargs: pool; sys.exit(main(sys.argv[2:]))")
+              "tune.candidates = lambda *args, **kwargs: pool; "
+              # each recorded result then takes a second, so that the SIGINT below lands mid-run even
+              # on a fast quiet machine (recording happens in this, the tuner's, process)
+              "import time; add = tune.TuneCache.add; "
+              "tune.TuneCache.add = lambda self, record: (add(self, record), time.sleep(1.0))[0]; "
+              "sys.exit(main(sys.argv[2:]))")
     command = [sys.executable, "-c", script, ",".join(PRESET_LIKE),
                "tune", str(tiny_postdiff_bundle), "--device", str(device), "--speedup", "1.2", "--calib", "4",
                "--timing-runs", "1", "--out", str(out), "--quiet", "--workers", "2", f"--ray={cluster}"]

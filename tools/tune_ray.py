@@ -177,7 +177,8 @@ def connect(ray: Any, address: str) -> bool:
         return False
     try:
         if address == LOCAL:
-            # a local instance listens on the loopback address only
+            # a local instance: asks Ray to use the loopback node address (Ray may still report and bind the
+            # host's own interface address for its control service)
             ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
                      _node_ip_address="127.0.0.1")
         else:
