@@ -603,3 +603,12 @@ class Scheduler(ABC):
     @abstractmethod
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, timestep: Any) -> np.ndarray:
         """Forward-noise ``x0`` to ``timestep``, in this scheduler's sample space (float32)."""
+
+
+def vp_add_noise(abar_t: np.float32, x0: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """q(x_t | x0) sample of a variance-preserving schedule at cumulative alpha ``abar_t``:
+    sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM eq. 4), in float32."""
+    x0 = as_f32(x0, "x0")
+    noise = as_f32(noise, "noise")
+    check_same_shape(x0, "x0", noise, "noise")
+    return (np.sqrt(abar_t) * x0 + np.sqrt(F32_ONE - abar_t) * noise).astype(np.float32, copy=False)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from postdiff.errors import InputError
-from postdiff.runtime.schedulers.base import (
+from postdiff.runtime.schedulers.base import (vp_add_noise, 
     COMMON_DEFAULTS,
     F32_ONE,
     Scheduler,
@@ -125,8 +125,4 @@ class DDIMScheduler(Scheduler):
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, timestep: Any) -> np.ndarray:
         """q(x_t | x0) sample: sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM eq. 4)."""
-        x0 = as_f32(x0, "x0")
-        noise = as_f32(noise, "noise")
-        check_same_shape(x0, "x0", noise, "noise")
-        abar_t = self.alphas_cumprod[self._train_timestep(timestep)]
-        return (np.sqrt(abar_t) * x0 + np.sqrt(F32_ONE - abar_t) * noise).astype(np.float32, copy=False)
+        return vp_add_noise(self.alphas_cumprod[self._train_timestep(timestep)], x0, noise)
