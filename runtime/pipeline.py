@@ -125,6 +125,7 @@ class Pipeline:
         self.provider = provider
         self.tokenizer = PromptTokenizer(self.manifest.tokenizer, self.bundle)
         self.timings: dict[str, float] = {"verify_s": time.perf_counter() - started, "sessions_s": 0.0}
+        self._precisions: dict[str, str] = {}
         unets = sum(1 for g in self.manifest.graphs.values() if g.role == UNET)
         share = unets > 1 if shared_weights is None else shared_weights
         self._share = share
@@ -174,6 +175,7 @@ class Pipeline:
                 self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads,
                                                 prepack=name not in TEXT_ENCODERS, arena=self.memory_budget_mb is None)
             self.timings["sessions_s"] += time.perf_counter() - started
+            self._precisions[name] = self._runners[name].precision
         return self._runners[name]
 
     def _openvino_variants(self):  # -> OpenVinoVariantSet
@@ -187,8 +189,9 @@ class Pipeline:
 
     @property
     def precisions(self) -> dict[str, str]:
-        """The precision each opened graph runs at, by graph name (as its backend reports it)."""
-        return {name: runner.precision for name, runner in sorted(self._runners.items())}
+        """The precision each graph opened so far ran at, by graph name (as its backend reports it),
+        released graphs included."""
+        return dict(sorted(self._precisions.items()))
 
     def release(self, name: str) -> None:
         """Close graph ``name``'s session and drop the shared weights no open graph holds."""

@@ -169,6 +169,8 @@ def test_budget_opens_only_the_current_phase(tiny_postdiff_bundle: Path) -> None
     result = pipeline.generate(options, schedule=schedule, on_step=lambda: open_at.append(pipeline.open_graphs))
     assert np.array_equal(result.latents, free.latents)  # releasing changes nothing in the result
     assert pipeline.open_graphs == []  # everything released after the run
+    ran = {n for graphs in open_at for n in graphs} | {TEXT_ENCODER, VAE_DECODER}
+    assert ran <= set(pipeline.precisions) and set(pipeline.precisions.values()) == {"fp32"}  # released ones too
     assert all(TEXT_ENCODER not in g and VAE_DECODER not in g for g in open_at)
     # after the switch (step 10) no low-resolution graph, after the gate (5 guided steps) no guided one
     assert not any("8x8" in name for graphs in open_at[10:] for name in graphs)
