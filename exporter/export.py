@@ -31,7 +31,8 @@ from postdiff.exporter.verify import FP16_TOLERANCE, FP32_TOLERANCE, measure_mer
 from postdiff.exporter.weights import WeightStore
 from postdiff.runtime import names
 from postdiff.errors import InputError
-from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, MergedUNet, ModelInfo, SdxlConditioning,
+from postdiff.runtime.manifest import (FORMAT_VERSION, GraphSpec, Manifest, MergedUNet, ModelInfo, PixArtInfo,
+                                       SdxlConditioning,
                                        ServedVariant, SharedWeights, TensorSpec, TokenizerSpec, UNetVariant,
                                        sha256_file)
 from postdiff.runtime.executor import at_latent
@@ -91,7 +92,10 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
     check_resolution(model, height, width)
     latent = (height // model.vae_scale_factor, width // model.vae_scale_factor)
     wanted = list(schedules)
-    embedded = model.unet.config.time_cond_proj_dim is not None  # guidance as an embedding (LCM): no CFG
+    embedded = model.embedded_guidance_dim is not None  # guidance as an embedding (LCM): no CFG
+    if options.merged and model.is_pixart:
+        raise InputError(f"--merged is not supported for the PixArt-alpha transformer {options.source} (its cache "
+                         "tensors are token-shaped); export it without --merged")
     if options.tuning_space:  # the variants only: manifest.schedules keeps naming the requested schedules
         from postdiff.profiles.tuning import LCM_STEPS_FULL, tuning_schedules
 
@@ -133,7 +137,7 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
             model=ModelInfo(source=source_id(options.source), latent_channels=model.unet.config.in_channels,
                             vae_scale_factor=model.vae_scale_factor, downsample_factor=model.downsample_factor,
                             height=height, width=width, default_guidance=model.default_guidance,
-                            guidance_embedding=model.unet.config.time_cond_proj_dim or 0,
+                            guidance_embedding=model.embedded_guidance_dim or 0,
                             lora="" if options.lora is None else f"{Path(options.lora).name} x{options.lora_scale:g}"),
             graphs=graphs,
             tokenizer=_write_tokenizer(model, stage),
@@ -145,6 +149,7 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
             weights=SharedWeights(file=UNET_WEIGHTS, sha256=sha256_file(stage / UNET_WEIGHTS),
                                   tensors=dict(store.entries)),
             schedules=tuple(s.name for s in schedules),
+            pixart=_pixart_info(model) if model.is_pixart else None,
         )
         publish(stage, options.out, manifest)
     return manifest
@@ -248,7 +253,19 @@ def fp32_roles(model: LoadedModel) -> tuple[str, ...]:
     return names.TEXT_ENCODERS + ((names.VAE_DECODER,) if upcast else ())
 
 
+def _pixart_info(model: LoadedModel) -> PixArtInfo:
+    transformer = model.unet
+    return PixArtInfo(blocks=len(transformer.transformer_blocks), patch_size=int(transformer.config.patch_size),
+                      learned_sigma=transformer.out_channels == 2 * transformer.config.in_channels,
+                      micro_conditions=bool(transformer.use_additional_conditions),
+                      interpolation_scale=float(transformer.pos_embed.interpolation_scale))
+
+
 def _write_tokenizer(model: LoadedModel, stage: Path, second: bool = False) -> TokenizerSpec:
+    if model.is_pixart:  # T5: the converted SentencePiece model; rows of 120 ids plus the attention mask
+        model.tokenizer.backend_tokenizer.save(str(stage / TOKENIZER_FILE))
+        return TokenizerSpec(kind="t5", file=TOKENIZER_FILE, sha256=sha256_file(stage / TOKENIZER_FILE),
+                             max_length=model.id_length, pad_id=int(model.tokenizer.pad_token_id))
     if model.labels:  # label prompts need no file: the manifest lists them
         return TokenizerSpec(kind="labels", max_length=1, labels=model.labels)
     tokenizer = model.tokenizer_2 if second else model.tokenizer

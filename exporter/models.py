@@ -97,6 +97,16 @@ class LoadedModel:
         return self.text_encoder_2 is not None
 
     @property
+    def is_pixart(self) -> bool:
+        """A PixArt-alpha pipeline (a T5 encoder and a diffusion transformer: exporter/pixart_models.py)."""
+        return False
+
+    @property
+    def embedded_guidance_dim(self) -> int | None:
+        """Length of the guidance-scale embedding the denoiser takes (LCM), None for classifier-free guidance."""
+        return self.unet.config.time_cond_proj_dim
+
+    @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent cell along one side (1 in pixel space)."""
         return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -170,7 +180,15 @@ def load_model(source: str) -> LoadedModel:
         from postdiff.exporter.sdxl_models import random_sdxl
 
         return random_sdxl(source)
+    if source in ("random:tiny-pixart", "random:pixart-slim"):
+        from postdiff.exporter.pixart_models import random_pixart
+
+        return random_pixart(source)
     layout = source_layout(source)  # ModelSourceError: unknown built-in, missing folder, wrong layout
+    if layout == "pixart":
+        from postdiff.exporter.pixart_models import load_pixart_folder
+
+        return load_pixart_folder(Path(source))
     if layout == "label":
         return _load_label_folder(Path(source), source)
     if layout == "sdxl":

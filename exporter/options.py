@@ -18,11 +18,13 @@ from postdiff.errors import InputError, ModelSourceError
 PRECISIONS = ("fp32", "fp16")
 #: the models that need no folder: the embedded MNIST model and seeded random architectures
 BUILTIN_SPECS = ("digits", "random:tiny-sd", "random:tiny-lcm", "random:sd15", "random:tiny-sdxl", "random:sdxl-slim",
-                 "random:sdxl")
+                 "random:sdxl", "random:tiny-pixart", "random:pixart-slim")
 SD_SUBFOLDERS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 # SDXL adds a second tokenizer and a CLIPTextModelWithProjection (its pooled, projected output feeds
 # the UNet's "text_time" addition embedding together with the size micro-conditioning).
 SDXL_SUBFOLDERS = (*SD_SUBFOLDERS, "text_encoder_2", "tokenizer_2")
+# PixArt-alpha: a T5 encoder and a diffusion transformer (PixArtAlphaPipeline's layout).
+PIXART_SUBFOLDERS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 # A label-conditioned pixel-space model (the embedded `digits`): no VAE, no text encoder; a table of
 # label embeddings feeds the UNet's cross-attention.
 LABEL_SUBFOLDERS = ("unet", "scheduler", "label_encoder")
@@ -53,7 +55,8 @@ def parse_resolution(text: str) -> tuple[int, int]:
 
 def source_layout(source: str) -> str:
     """What ``source`` is: ``"builtin"``, ``"label"`` (a label-model folder), ``"sdxl"`` (an SDXL
-    diffusers folder: one with ``text_encoder_2``) or ``"sd"`` (an SD 1.x/2.x diffusers folder).
+    diffusers folder: one with ``text_encoder_2``), ``"pixart"`` (a PixArt-alpha folder: one with
+    ``transformer``) or ``"sd"`` (an SD 1.x/2.x diffusers folder).
 
     Raises:
         ModelSourceError: an unknown built-in name, a missing folder, or a folder of neither layout.
@@ -70,6 +73,12 @@ def source_layout(source: str) -> str:
         )
     if all((folder / name).is_dir() for name in LABEL_SUBFOLDERS):
         return "label"
+    if (folder / "transformer").is_dir():
+        missing = [name for name in PIXART_SUBFOLDERS if not (folder / name).is_dir()]
+        if missing:
+            raise ModelSourceError(f"{folder} looks like a PixArt-alpha folder (it has transformer) but lacks {missing}; "
+                                   f"it needs the subfolders {list(PIXART_SUBFOLDERS)}")
+        return "pixart"
     if (folder / "text_encoder_2").is_dir():
         missing = [name for name in SDXL_SUBFOLDERS if not (folder / name).is_dir()]
         if missing:

@@ -90,8 +90,15 @@ def text_and_decoder_plans(model: LoadedModel, height: int, width: int) -> list[
     seeded example inputs."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.vocab_size, (1, model.id_length), generator=generator)
-    plans = [GraphPlan(names.TEXT_ENCODER, names.TEXT_ENCODER, TextEncoderGraph(model), {names.INPUT_IDS: ids},
-                       (names.HIDDEN_STATES,))]
+    if model.is_pixart:  # T5 under its attention mask (a padded row: the first 17 tokens kept)
+        from postdiff.exporter.layered_pixart import T5EncoderGraph
+
+        mask = (torch.arange(model.id_length)[None, :] < 17).long()
+        plans = [GraphPlan(names.TEXT_ENCODER, names.TEXT_ENCODER, T5EncoderGraph(model.text_encoder),
+                           {names.INPUT_IDS: ids, names.ATTENTION_MASK: mask}, (names.HIDDEN_STATES,))]
+    else:
+        plans = [GraphPlan(names.TEXT_ENCODER, names.TEXT_ENCODER, TextEncoderGraph(model), {names.INPUT_IDS: ids},
+                           (names.HIDDEN_STATES,))]
     if model.is_sdxl:
         plans.append(GraphPlan(names.TEXT_ENCODER_2, names.TEXT_ENCODER_2, SecondTextEncoderGraph(model),
                                {names.INPUT_IDS: ids.clone()}, (names.HIDDEN_STATES, names.TEXT_EMBEDS)))
@@ -106,7 +113,13 @@ def text_and_decoder_plans(model: LoadedModel, height: int, width: int) -> list[
 def unet_plan(model: LoadedModel, variant: UNetVariant, dynamic: bool = False) -> GraphPlan:
     """The UNet graph computing ``variant``, with seeded example inputs (timestep 500); ``dynamic``:
     traced at ``variant``'s shapes but with batch and spatial sides free (:func:`dynamic_axes`)."""
-    module = LayeredUNet(model.unet, LayerPlan(deep=variant.deep, branch=variant.branch, xattn=variant.xattn))
+    plan = LayerPlan(deep=variant.deep, branch=variant.branch, xattn=variant.xattn)
+    if model.is_pixart:
+        from postdiff.exporter.layered_pixart import LayeredPixArt
+
+        module = LayeredPixArt(model.unet, plan, model.vae_scale_factor)
+    else:
+        module = LayeredUNet(model.unet, plan)
     generator = torch.Generator().manual_seed(0)
     example = module.example_inputs(variant.batch, variant.latent[0], variant.latent[1],
                                     model.context_length, generator)

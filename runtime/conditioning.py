@@ -78,13 +78,14 @@ class Conditioning:
     text_embeds: np.ndarray | None = None  # (2, P)
     sizes: SizeConditioning | None = None
     full_pixels: Size | None = None  # the generation's full image size (h, w)
+    mask: np.ndarray | None = None  # (2, L) int64: PixArt-alpha's T5 attention masks (the transformer's encoder mask)
 
     def rows(self, batch: int) -> Conditioning:
         """Both rows for a guided batch (2), the positive one for a conditional-only batch (1)."""
         if batch == 2:
             return self
         return Conditioning(self.context[1:], None if self.text_embeds is None else self.text_embeds[1:],
-                            self.sizes, self.full_pixels)
+                            self.sizes, self.full_pixels, None if self.mask is None else self.mask[1:])
 
     def time_ids(self, batch: int, stage_pixels: Size) -> np.ndarray:
         """(batch, 6) float32 size ids at a stage of ``stage_pixels``; the negative row equals the

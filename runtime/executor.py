@@ -24,7 +24,7 @@ from postdiff.runtime.clock import process_age_s
 from postdiff.runtime.conditioning import Conditioning
 from postdiff.runtime.guidance import guidance_embedding
 from postdiff.runtime.manifest import Manifest, ServedVariant, UNetVariant, describe_variant
-from postdiff.runtime.names import (CONTEXT, DEEP_FEATURE, NOISE_PRED, SAMPLE, TEXT_EMBEDS, TIME_IDS, TIMESTEP,
+from postdiff.runtime.names import (CONTEXT, DEEP_FEATURE, ENCODER_MASK, NOISE_PRED, SAMPLE, TEXT_EMBEDS, TIME_IDS, TIMESTEP,
                                     TIMESTEP_COND, XATTN_PREFIX)
 from postdiff.runtime.resize import resize_bilinear
 from postdiff.runtime.runners.base import Runner
@@ -115,6 +115,7 @@ class _Graph:
     xattn_inputs: tuple[str, ...]
     cond_dtype: np.dtype | None = None  # the guidance embedding's, for UNets that take one (LCM)
     added_dtypes: tuple[np.dtype, np.dtype] | None = None  # SDXL: (text_embeds, time_ids) dtypes
+    mask_dtype: np.dtype | None = None  # PixArt-alpha: the T5 attention mask the transformer cross-attends under
 
 
 class ScheduleExecutor:
@@ -260,7 +261,8 @@ class ScheduleExecutor:
             added = (inputs[TEXT_EMBEDS], inputs[TIME_IDS]) if TIME_IDS in inputs else None
             self._graphs[variant] = _Graph(runner, inputs[SAMPLE], inputs[TIMESTEP], inputs.get(CONTEXT),
                                            tuple(n for n in inputs if n.startswith(XATTN_PREFIX)),
-                                           cond_dtype=inputs.get(TIMESTEP_COND), added_dtypes=added)
+                                           cond_dtype=inputs.get(TIMESTEP_COND), added_dtypes=added,
+                                           mask_dtype=inputs.get(ENCODER_MASK))
         return self._graphs[variant]
 
     def _context(self, context: Conditioning, batch: int, dtype: np.dtype) -> np.ndarray:
@@ -268,6 +270,17 @@ class ScheduleExecutor:
         key = (batch, dtype)
         if key not in self._contexts:
             self._contexts[key] = context.rows(batch).context.astype(dtype, copy=False)
+        return self._contexts[key]
+
+    def _mask(self, context: Conditioning, batch: int, dtype: np.dtype) -> np.ndarray:
+        """The encoder-mask rows a batch-``batch`` graph takes (PixArt-alpha), cast once per run."""
+        key = ("mask", batch, dtype)
+        if key not in self._contexts:
+            rows = context.rows(batch).mask
+            if rows is None:
+                raise ScheduleError(f"this transformer graph takes {ENCODER_MASK} but the generation carries no T5 "
+                                    "attention mask; generate through Pipeline.generate (it encodes PixArt prompts)")
+            self._contexts[key] = rows.astype(dtype, copy=False)
         return self._contexts[key]
 
     def _added_inputs(self, context: Conditioning, variant: Variant, graph: _Graph) -> dict[str, np.ndarray]:
@@ -296,6 +309,8 @@ class ScheduleExecutor:
                 TIMESTEP: np.full((variant.batch,), t, dtype=graph.timestep_dtype)}
         if graph.context_dtype is not None:
             feed[CONTEXT] = self._context(context, variant.batch, graph.context_dtype)
+        if graph.mask_dtype is not None:
+            feed[ENCODER_MASK] = self._mask(context, variant.batch, graph.mask_dtype)
         if graph.cond_dtype is not None:
             feed[TIMESTEP_COND] = np.repeat(self._cond, variant.batch, axis=0).astype(graph.cond_dtype, copy=False)
         if graph.added_dtypes is not None:

@@ -150,6 +150,8 @@ class TokenizerSpec:
     """How prompts become the text encoder's id row.
 
     ``bpe``: a tokenizers-library JSON ``file``, padded/truncated to ``max_length`` with ``pad_id``.
+    ``t5``: the same for a T5 (SentencePiece Unigram) ``file``; the prompt is lower-cased and stripped
+    first (PixArt-alpha's pipeline) and the row comes with its attention mask (1 = token, 0 = padding).
     ``labels``: the prompt names one of ``labels`` (optionally as "digit N"); id = its index, and the
     empty prompt is the null label (id ``len(labels)``) used for guidance.
     """
@@ -175,6 +177,23 @@ class SdxlConditioning:
     """
 
     force_zeros_for_empty_prompt: bool
+
+
+@dataclass(frozen=True)
+class PixArtInfo:
+    """A PixArt-alpha bundle (docs/pixart.md): the denoiser graphs (role ``unet``) are a diffusion
+    transformer of ``blocks`` blocks. The T5 text encoder takes ``attention_mask`` beside the ids and
+    every denoiser graph that cross-attends takes it as ``encoder_attention_mask``. The graphs already
+    keep the epsilon half of a ``learned_sigma`` output and carry their own micro-conditions (their
+    image size and aspect ratio) and position embedding; ``micro_conditions`` and
+    ``interpolation_scale`` say what was baked in. A block-cache ``branch`` b caches blocks [b, blocks - b).
+    """
+
+    blocks: int
+    patch_size: int
+    learned_sigma: bool
+    micro_conditions: bool
+    interpolation_scale: float
 
 
 @dataclass(frozen=True)
@@ -214,6 +233,7 @@ class Manifest:
     scheduler_class: str = ""  # the diffusers class the model ships: generate's default sampler
     tokenizer_2: TokenizerSpec | None = None  # SDXL: the second encoder's tokenizer
     sdxl: SdxlConditioning | None = None  # SDXL bundles only
+    pixart: PixArtInfo | None = field(default=None, metadata={OMIT_DEFAULT: True})  # PixArt-alpha bundles only
 
     @cached_property
     def merged_unet(self) -> str | None:

@@ -14,6 +14,11 @@ INPUT_IDS = "input_ids"  # text encoder in: (1, L) token ids
 # SDXL: each encoder's penultimate hidden state, concatenated by the runtime along D).
 HIDDEN_STATES = "last_hidden_state"
 
+# PixArt-alpha's T5: the prompt's attention mask (1, L) int64, 1 = token, 0 = padding; the text encoder
+# takes it as ``attention_mask``, the transformer as ``encoder_attention_mask`` (its cross-attention bias).
+ATTENTION_MASK = "attention_mask"
+ENCODER_MASK = "encoder_attention_mask"
+
 SAMPLE = "sample"  # UNet in: (B, C, h, w) scaled latents
 TIMESTEP = "timestep"  # UNet in: (B,) float32
 CONTEXT = "encoder_hidden_states"  # UNet in: (B, L, D)

@@ -22,7 +22,7 @@ from postdiff.runtime.executor import ScheduleExecutor, concrete, resolve_graphs
 from postdiff.runtime.image import to_uint8
 from postdiff.runtime.manifest import Manifest, load_manifest
 from postdiff.runtime.memory import Phase, PhaseEstimate, check_budget, estimate, step_phases
-from postdiff.runtime.names import (HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, TEXT_ENCODERS, UNET,
+from postdiff.runtime.names import (ATTENTION_MASK, HIDDEN_STATES, IMAGE, INPUT_IDS, LATENTS, TEXT_ENCODER, TEXT_ENCODERS, UNET,
                                     VAE_DECODER)
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.providers import AUTO_PRECISION, get_provider
@@ -339,12 +339,33 @@ class Pipeline:
                                    (model.height, model.width))
             self._release_encoders()
             return pair
+        if self.manifest.pixart is not None:
+            return self._pixart_pair(options)
         return Conditioning(self.encode_pair(options))
+
+    def _pixart_pair(self, options: GenerateOptions) -> Conditioning:
+        """PixArt-alpha: [negative; positive] T5 states under their masks, as ``PixArtAlphaPipeline.encode_prompt``
+        (the negative prompt, "" by default, is encoded like the prompt; guidance off: both rows the prompt's)."""
+        encoder = self.runner(TEXT_ENCODER)
+        dtype = encoder.spec.input(INPUT_IDS).dtype
+        rows, masks = [], []
+        texts = (options.negative_prompt, options.prompt) if options.guidance > 1.0 else (options.prompt,)
+        for text in texts:
+            check_text(text, "prompt")
+            ids, mask = self.tokenizer.encode_with_mask(text, dtype=dtype)
+            states = encoder.infer({INPUT_IDS: ids, ATTENTION_MASK: mask.astype(encoder.spec.input(ATTENTION_MASK)
+                                                                                   .dtype)})[HIDDEN_STATES]
+            rows.append(states.astype(np.float32))  # a copy: kept across the next call
+            masks.append(mask.astype(np.int64))
+        if len(rows) == 1:
+            rows, masks = rows * 2, masks * 2
+        self._release_encoders()
+        return Conditioning(np.concatenate(rows), mask=np.concatenate(masks))
 
     def encode_pair(self, options: GenerateOptions) -> np.ndarray:
         """[negative; positive] encoder states (2, L, D); both rows carry the prompt when guidance is
         off, so that only the conditional half matters."""
-        if self._sdxl is not None:
+        if self._sdxl is not None or self.manifest.pixart is not None:
             return self.conditioning(options).context
         positive = self.encode_prompt(options.prompt)
         negative = self.encode_prompt(options.negative_prompt) if options.guidance > 1.0 else positive
