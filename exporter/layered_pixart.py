@@ -97,7 +97,7 @@ class LayeredPixArt(torch.nn.Module):
         cache_names = [xattn_tensor_name(name) for name in self.xattn_names]
         self.time_cond_dim = None  # no guidance embedding (the torch reference asks)
         self.input_names: list[str] = [names.SAMPLE, names.TIMESTEP]
-        if plan.xattn != "read":
+        if plan.xattn != "read" and computed:  # branch-0 reads compute no block: no cross-attention at all
             self.input_names += [names.CONTEXT, names.ENCODER_MASK]
         if plan.deep == "read":
             self.input_names.append(names.DEEP_FEATURE)

@@ -71,6 +71,36 @@ class TorchSdxlConditioning:
     pipe: object  # the StableDiffusionXLPipeline that made them (for its _get_add_time_ids)
 
 
+@dataclass(frozen=True)
+class TorchPixArtConditioning:
+    """PixArt-alpha conditioning as diffusers' ``PixArtAlphaPipeline.encode_prompt`` computes it."""
+
+    context: torch.Tensor  # (2, 120, D) [negative; positive]
+    mask: torch.Tensor  # (2, 120) int64
+
+
+def pixart_pipeline(model: LoadedModel, scheduler=None):
+    """diffusers' ``PixArtAlphaPipeline`` over the model's modules."""
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline(tokenizer=model.tokenizer, text_encoder=model.text_encoder, vae=model.vae,
+                               transformer=model.unet,
+                               scheduler=scheduler or diffusers.DDIMScheduler.from_config(model.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def pixart_encode_pair(model: LoadedModel, prompt: str, negative_prompt: str, guidance: float) -> TorchPixArtConditioning:
+    """[negative; positive] T5 states and masks from diffusers' own ``encode_prompt`` (clean_caption off)."""
+    guided = guidance > 1.0
+    embeds, mask, negative, negative_mask = pixart_pipeline(model).encode_prompt(
+        prompt, do_classifier_free_guidance=guided, negative_prompt=negative_prompt, clean_caption=False)
+    if not guided:
+        negative, negative_mask = embeds, mask
+    return TorchPixArtConditioning(torch.cat([negative, embeds]), torch.cat([negative_mask, mask]))
+
+
 class TorchReferenceExecutor:
     """Runs a schedule with torch modules; the same call signature as the runtime's pipeline."""
 
@@ -87,6 +117,8 @@ class TorchReferenceExecutor:
         computes them."""
         if self.model.is_sdxl:
             return sdxl_encode_pair(self.model, prompt, negative_prompt, guidance)
+        if self.model.is_pixart:
+            return pixart_encode_pair(self.model, prompt, negative_prompt, guidance)
         return encode_pair(self.model, prompt, negative_prompt, guidance)
 
     @torch.no_grad()
@@ -97,6 +129,9 @@ class TorchReferenceExecutor:
         scheduler = diffusers_scheduler(scheduler_name, config)
         scheduler.set_timesteps(inference_steps_for(scheduler_name, config, len(self.schedule.steps)))
         self._feature, self._xattn = None, {}
+        from postdiff.exporter.pixart_reference import PixArtCaches
+
+        self._pixart = PixArtCaches()
         x = torch.from_numpy(latents) * scheduler.init_noise_sigma
         no_warm_up = False
         with seeded_noise(scheduler_name, seed):
@@ -110,6 +145,7 @@ class TorchReferenceExecutor:
                     x = scheduler.add_noise(up, noise, t.reshape(1))
                     no_warm_up = _reset_history(scheduler) or no_warm_up
                     self._feature = None
+                    self._pixart.residual = None
                 eps = self._evaluate(plan.variant, scheduler, x, t, context, guidance)
                 x = scheduler.step(eps, t, x, return_dict=False)[0]
                 if no_warm_up and scheduler.counter == 1:
@@ -134,8 +170,35 @@ class TorchReferenceExecutor:
             self._modules[plan] = LayeredUNet(self.model.unet, plan)
         return self._modules[plan]
 
+    def _evaluate_pixart(self, variant: Variant, scheduler, x: torch.Tensor, t: torch.Tensor,
+                         context: TorchPixArtConditioning, guidance: float) -> torch.Tensor:
+        """One PixArt-alpha evaluation on diffusers' own forward (exporter/pixart_reference.py), guided,
+        then the epsilon half of a learned-sigma output (as PixArtAlphaPipeline)."""
+        from postdiff.exporter.pixart_reference import reference_eps
+
+        batch = torch.cat([x, x]) if variant.batch == 2 else x
+        rows = slice(None) if variant.batch == 2 else slice(1, None)
+        scale = self.model.vae_scale_factor
+        h, w = self._size(variant)
+
+        def keep(value: torch.Tensor) -> torch.Tensor:
+            if value.shape[0] == 1:
+                return value
+            return (value[:1] + value[1:]) / 2 if self.schedule.xattn_mode == "ave" else value[1:]
+
+        out = reference_eps(self.model.unet, scheduler.scale_model_input(batch, t), t.reshape(1).to(torch.float32),
+                            context.context[rows], context.mask[rows], (h * scale, w * scale), variant.deep,
+                            variant.branch, variant.xattn, self._pixart, keep)
+        if variant.batch == 2:
+            uncond, cond = out.chunk(2)
+            out = uncond + guidance * (cond - uncond)
+        channels = self.model.unet.config.in_channels
+        return out[:, :channels] if out.shape[1] == 2 * channels else out
+
     def _evaluate(self, variant: Variant, scheduler, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                   guidance: float) -> torch.Tensor:
+        if self.model.is_pixart:
+            return self._evaluate_pixart(variant, scheduler, x, t, context, guidance)
         module = self._module(variant)
         batch = torch.cat([x, x]) if variant.batch == 2 else x
         rows = slice(None) if variant.batch == 2 else slice(1, None)
@@ -308,6 +371,12 @@ def _diffusers_generate(model: LoadedModel, scheduler, prompt: str, negative_pro
             eps = uncond + guidance * (cond - uncond) if guidance > 1.0 else cond
             x = scheduler.step(eps, t, x, return_dict=False)[0]
         return x.numpy(), _postprocessed(VaeImageProcessor(), x)
+    if model.is_pixart:
+        pipe = pixart_pipeline(model, scheduler)
+        final = pipe(prompt, negative_prompt=negative_prompt, height=height, width=width, num_inference_steps=steps,
+                     guidance_scale=guidance, latents=torch.from_numpy(latents), output_type="latent",
+                     clean_caption=False, use_resolution_binning=False).images
+        return final.numpy(), _postprocessed(pipe.image_processor, decode_latents(model, final))
     if model.is_sdxl:
         pipe = sdxl_pipeline(model, scheduler)
         final = pipe(prompt, negative_prompt=negative_prompt or None, height=height, width=width,

@@ -49,6 +49,13 @@ PRESETS: dict[str, tuple[ScheduleKnobs, str]] = {
         "on branch 0 (cache_branch_id 0, as DeepCache's and T-GATE's SDXL settings), cross-attention gate_step 5 "
         "(T-GATE's count: 5 guided steps) caching the conditional maps; size ids per stage: docs/sdxl.md",
     ),
+    "postdiff-pixart": (
+        ScheduleKnobs(steps=20, low_res=((0.75, 10),), deepcache_interval=2, deepcache_branch=1, xattn_gate=5,
+                      xattn_mode="cond"),
+        "PostDiff on PixArt-alpha (ICCV 2025: beta = 3/4): first 10 of 20 steps at 3/4 side length, the block cache "
+        "(DiT analogue of DeepCache, docs/pixart.md) every 2 steps on branch 1 (blocks [1, N-1) reused), "
+        "cross-attention gate_step 5 (T-GATE's count: 5 guided steps) caching the conditional maps",
+    ),
 }
 
 

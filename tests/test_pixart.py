@@ -1,0 +1,204 @@
+"""PixArt-alpha: the bundle, the runtime's T5 conditioning and every sampler against diffusers'
+PixArtAlphaPipeline; per-resolution transformer graphs against diffusers at that resolution; every
+PixArt schedule (mixed resolution, block cache, cross-attention cache) against the independent torch
+reference on diffusers' own transformer forward (exporter/pixart_reference.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from postdiff.errors import InputError
+from postdiff.exporter.layered_pixart import LayeredPixArt, cached_range
+from postdiff.exporter.layered_unet import LayerPlan
+from postdiff.exporter.pixart_models import PIXART_SCHEDULER_CONFIG
+from postdiff.exporter.scheduler_config import normalize_config
+from postdiff.exporter.torch_reference import TorchReferenceExecutor, diffusers_generate
+from postdiff.profiles.presets import resolve_schedule
+from postdiff.profiles.schedule_builder import ScheduleKnobs, build_schedule
+from postdiff.runtime import names
+from postdiff.runtime.pipeline import GenerateOptions, Pipeline
+from postdiff.runtime.schedulers import available_schedulers
+
+PIXART_SCHEDULES = ("baseline", "postdiff-pixart")
+# Every sampler the runtime can build from PixArt-alpha's scheduler config (PNDM refuses it: the config
+# leaves skip_prk_steps at False, whose Runge-Kutta warm-up is not ported).
+PIXART_SAMPLERS = tuple(available_schedulers(normalize_config(PIXART_SCHEDULER_CONFIG)))
+
+
+def latent_tolerance(theirs: np.ndarray) -> float:
+    """1e-4, or 3e-6 of the latents' scale where a random transformer drives them far past 1 (as
+    tests/test_parity_diffusers.py and tests/test_sdxl.py hold SD and SDXL bundles)."""
+    return max(1e-4, 3e-6 * float(np.abs(theirs).max()))
+
+
+@pytest.fixture(scope="module")
+def pixart_model():
+    from postdiff.exporter.models import load_model
+
+    return load_model("random:tiny-pixart")
+
+
+@pytest.fixture(scope="module")
+def pixart_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny-pixart (fp32, 32x32 px, 16x16 latent) with the plain graphs and every graph of
+    :func:`_knob_schedules` (postdiff-pixart among them)."""
+    from postdiff.exporter.export import ExportOptions, export_bundle
+    from postdiff.runtime.jsonio import write_json_atomic
+
+    folder = tmp_path_factory.mktemp("pixart")
+    files = ["baseline"]
+    for schedule in _knob_schedules()[1:]:
+        path = folder / f"{schedule.name}.json"
+        write_json_atomic(path, schedule)
+        files.append(str(path))
+    out = folder / "tiny-pixart"
+    export_bundle(ExportOptions(source="random:tiny-pixart", out=out, schedules=(*files, "postdiff-pixart")),
+                  progress=False)
+    return out
+
+
+def _knob_schedules() -> list:
+    return [
+        resolve_schedule("postdiff-pixart"),
+        build_schedule(ScheduleKnobs(steps=8, deepcache_interval=3, deepcache_branch=0), "block-cache-b0"),
+        build_schedule(ScheduleKnobs(steps=8, deepcache_interval=2, deepcache_branch=2, xattn_gate=3,
+                                     xattn_mode="ave"), "block-cache-b2-ave"),
+    ]
+
+
+def test_every_sampler_but_pndm_is_offered() -> None:
+    assert set(PIXART_SAMPLERS) == {"ddim", "euler", "euler-ancestral", "dpm-solver", "unipc", "lcm"}
+
+
+def test_manifest_carries_what_the_runtime_needs(pixart_bundle: Path) -> None:
+    manifest = Pipeline(pixart_bundle).manifest
+    assert manifest.pixart is not None and manifest.pixart.blocks == 6 and manifest.pixart.learned_sigma
+    assert manifest.pixart.micro_conditions and manifest.pixart.interpolation_scale == 2.0
+    assert manifest.tokenizer.kind == "t5" and manifest.tokenizer.max_length == 120 and manifest.tokenizer.pad_id == 0
+    encoder = manifest.graph(names.TEXT_ENCODER)
+    assert [t.name for t in encoder.inputs] == [names.INPUT_IDS, names.ATTENTION_MASK]
+    plain = manifest.graph("unet-16x16-b2")
+    assert [t.name for t in plain.inputs] == [names.SAMPLE, names.TIMESTEP, names.CONTEXT, names.ENCODER_MASK]
+    assert plain.outputs[0].shape == (2, 4, 16, 16)  # the epsilon half of the 8 learned-sigma channels
+    # the 3/4 stage: 12x12 latent, 36 tokens of width 24; branch 1 reads blocks [1, 5) as one residual
+    read = manifest.graph("unet-12x12-b1-deep1-read-xattn-read")
+    assert [t.name for t in read.inputs] == [names.SAMPLE, names.TIMESTEP, names.DEEP_FEATURE,
+                                             "xattn/transformer_blocks.0.attn2", "xattn/transformer_blocks.5.attn2"]
+    assert read.input(names.DEEP_FEATURE).shape == (1, 36, 24)
+    assert read.macs < manifest.graph("unet-12x12-b1-xattn-read").macs / 2
+
+
+def test_tokenizer_matches_the_t5_tokenizer_diffusers_uses(pixart_bundle: Path, pixart_model) -> None:
+    pipeline = Pipeline(pixart_bundle)
+    for prompt in ("A Red cube on a table ", "", "blurry, low quality", "a red cube " * 60):
+        ids, mask = pipeline.tokenizer.encode_with_mask(prompt)
+        theirs_ids, theirs_mask = pixart_model.tokenize(prompt)
+        np.testing.assert_array_equal(ids, theirs_ids.numpy())
+        np.testing.assert_array_equal(mask, theirs_mask.numpy())
+    assert int(mask.sum()) == 120 and ids[0, -1] == 1  # truncated to 120 with </s> last
+
+
+@pytest.mark.parametrize("scheduler,negative", [(s, "") for s in PIXART_SAMPLERS]
+                         + [("dpm-solver", "blurry, low quality")])
+def test_generation_matches_pixart_alpha_pipeline(pixart_bundle: Path, pixart_model, scheduler: str,
+                                                  negative: str) -> None:
+    pipeline = Pipeline(pixart_bundle)
+    options = GenerateOptions(prompt="A red cube on a table", negative_prompt=negative, seed=3, steps=8,
+                              guidance=4.5, scheduler=scheduler)
+    latents = pipeline.initial_latents(options.seed)
+    ours = pipeline.generate(options, latents=latents)
+    theirs, image = diffusers_generate(pixart_model, scheduler, options.prompt, options.negative_prompt,
+                                       options.steps, options.guidance, latents, 32, 32, seed=options.seed)
+    diff = float(np.max(np.abs(ours.latents - theirs)))
+    print(f"tiny-pixart / {scheduler} / negative {negative!r}: max abs {diff:.2e}, scale {np.abs(theirs).max():.1f}")
+    assert diff <= latent_tolerance(theirs)
+    assert int(np.max(np.abs(ours.image.astype(int) - image.astype(int)))) <= 1
+
+
+def test_guidance_off_runs_the_conditional_batch_as_diffusers(pixart_bundle: Path, pixart_model) -> None:
+    pipeline = Pipeline(pixart_bundle)
+    options = GenerateOptions(prompt="a cat", seed=1, steps=4, guidance=1.0, scheduler="dpm-solver")
+    latents = pipeline.initial_latents(options.seed)
+    ours = pipeline.generate(options, latents=latents)
+    theirs, _ = diffusers_generate(pixart_model, "dpm-solver", "a cat", "", 4, 1.0, latents, 32, 32)
+    assert float(np.max(np.abs(ours.latents - theirs))) <= latent_tolerance(theirs)
+
+
+@pytest.mark.parametrize("latent", [(12, 12), (16, 16), (12, 20)])
+def test_each_resolution_graph_is_diffusers_at_that_resolution(pixart_model, latent: tuple[int, int]) -> None:
+    """The traced position embedding and micro-conditions of one size are diffusers' at that size (and a
+    graph of another size gives another embedding): the plain layered forward equals
+    ``PixArtTransformer2DModel.forward`` fed the pipeline's micro-conditions at that pixel size."""
+    transformer = pixart_model.unet
+    module = LayeredPixArt(transformer, LayerPlan(), pixart_model.vae_scale_factor)
+    generator = torch.Generator().manual_seed(0)
+    inputs = module.example_inputs(2, *latent, 120, generator)
+    h, w = (side * pixart_model.vae_scale_factor for side in latent)
+    added = {"resolution": torch.tensor([[h, w]] * 2, dtype=torch.float32),
+             "aspect_ratio": torch.tensor([[h / w]] * 2, dtype=torch.float32)}
+    with torch.no_grad():
+        ours = module(*inputs)[0]
+        theirs = transformer(inputs[0], encoder_hidden_states=inputs[2], encoder_attention_mask=inputs[3],
+                             timestep=inputs[1], added_cond_kwargs=added, return_dict=False)[0][:, :4]
+    assert float((ours - theirs).abs().max()) <= 1e-5
+    # the micro-conditions matter: the wrong size differs
+    wrong = {"resolution": added["resolution"] * 2, "aspect_ratio": added["aspect_ratio"]}
+    with torch.no_grad():
+        other = transformer(inputs[0], encoder_hidden_states=inputs[2], encoder_attention_mask=inputs[3],
+                            timestep=inputs[1], added_cond_kwargs=wrong, return_dict=False)[0][:, :4]
+    assert float((other - theirs).abs().max()) > 1e-3
+
+
+def test_block_cache_branches_are_ranges_of_blocks(pixart_model) -> None:
+    assert cached_range(pixart_model.unet, 0) == (0, 6) and cached_range(pixart_model.unet, 2) == (2, 4)
+    with pytest.raises(InputError, match="valid branches are 0..2"):
+        cached_range(pixart_model.unet, 3)
+
+
+def test_read_fed_its_write_equals_the_full_forward(pixart_model) -> None:
+    """A block-cache read fed the residual its write emitted at the same inputs, and a cross-attention read fed
+    the maps, give the full forward (the cut loses nothing)."""
+    transformer, scale = pixart_model.unet, pixart_model.vae_scale_factor
+    generator = torch.Generator().manual_seed(1)
+    full = LayeredPixArt(transformer, LayerPlan(), scale)
+    sample, timestep, context, mask = full.example_inputs(1, 16, 16, 120, generator)
+    for branch in (0, 1, 2):
+        write = LayeredPixArt(transformer, LayerPlan(deep="write", branch=branch, xattn="write"), scale)
+        read = LayeredPixArt(transformer, LayerPlan(deep="read", branch=branch, xattn="read"), scale)
+        with torch.no_grad():
+            reference = full(sample, timestep, context, mask)[0]
+            noise, feature, *maps = write(sample, timestep, context, mask)
+            by_name = dict(zip(write.xattn_names, maps))
+            replayed = read(sample, timestep, feature, *(by_name[n] for n in read.xattn_names))[0]
+        assert float((noise - reference).abs().max()) <= 1e-6
+        assert float((replayed - reference).abs().max()) <= 1e-5
+
+
+# One sampler of each kind: multistep (PixArt's own), single-step, stochastic.
+@pytest.mark.parametrize("scheduler", ["dpm-solver", "ddim", "euler-ancestral"])
+def test_schedules_match_the_independent_torch_reference(pixart_bundle: Path, pixart_model, scheduler: str) -> None:
+    pipeline = Pipeline(pixart_bundle)
+    for schedule in _knob_schedules():
+        options = GenerateOptions(prompt="an astronaut riding a horse", seed=5, guidance=4.5, scheduler=scheduler)
+        executor = pipeline.executor(schedule)
+        latents = pipeline.initial_latents(options.seed, executor.first_latent_shape())
+        ours = pipeline.generate(options, latents=latents, schedule=schedule).latents
+        reference = TorchReferenceExecutor(pixart_model, schedule, (16, 16))
+        context = reference.encode(options.prompt, options.negative_prompt, options.guidance)
+        theirs = reference.run(scheduler, latents, context, options.guidance, options.seed)
+        diff = float(np.max(np.abs(ours - theirs)))
+        print(f"{schedule.name} / {scheduler}: max abs {diff:.2e}, scale {np.abs(theirs).max():.1f}")
+        assert diff <= latent_tolerance(theirs), schedule.name
+
+
+def test_caches_change_the_result(pixart_bundle: Path) -> None:
+    """postdiff-pixart is not the baseline in disguise: its latents differ from the baseline's."""
+    pipeline = Pipeline(pixart_bundle)
+    options = GenerateOptions(prompt="a red cube", seed=0, guidance=4.5)
+    base = pipeline.generate(options, schedule=resolve_schedule("baseline")).latents
+    ours = pipeline.generate(options, schedule=resolve_schedule("postdiff-pixart")).latents
+    assert float(np.max(np.abs(base - ours))) > 1e-2
