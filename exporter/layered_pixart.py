@@ -186,9 +186,9 @@ class LayeredPixArt(torch.nn.Module):
         added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
         if model.use_additional_conditions:
             pixels_h, pixels_w = sample.shape[-2] * self.vae_scale, sample.shape[-1] * self.vae_scale
-            added = {"resolution": torch.tensor([[float(pixels_h), float(pixels_w)]], dtype=hidden.dtype)
-                     .expand(batch, 2),
-                     "aspect_ratio": torch.tensor([[float(pixels_h / pixels_w)]], dtype=hidden.dtype).expand(batch, 1)}
+            where = dict(dtype=hidden.dtype, device=sample.device)
+            added = {"resolution": torch.tensor([[float(pixels_h), float(pixels_w)]], **where).expand(batch, 2),
+                     "aspect_ratio": torch.tensor([[float(pixels_h / pixels_w)]], **where).expand(batch, 1)}
         temb, embedded = model.adaln_single(timestep, added, batch_size=batch, hidden_dtype=hidden.dtype)
         context = bound.get(names.CONTEXT)
         if context is not None and model.caption_projection is not None:

@@ -234,3 +234,19 @@ def test_a_pixart_folder_missing_a_part_is_refused(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
     with pytest.raises(ModelSourceError, match=r"PixArt-alpha folder .* lacks \['text_encoder'\]"):
         source_layout(str(tmp_path))
+
+
+def test_architecture_macs_equal_the_exported_graphs_counts(pixart_bundle: Path) -> None:
+    """tools/pixart_macs (meta device, no weights: what the real PixArt-alpha's figures in docs/pixart.md come
+    from) counts every tiny-pixart variant of postdiff-pixart as the exporter's ONNX count does."""
+    from postdiff.runtime.executor import concrete
+    from postdiff.runtime.schedule import plan_steps
+    from postdiff.tools.pixart_macs import PixArtMacs, _builtin_config
+
+    manifest = Pipeline(pixart_bundle).manifest
+    counter = PixArtMacs(*_builtin_config("random:tiny-pixart"), latent=manifest.model.latent)
+    variants = {v for plan in plan_steps(resolve_schedule("postdiff-pixart")) for v in (plan.switch_from, plan.variant)
+                if v is not None}
+    for variant in variants:
+        graph = manifest.graph(manifest.unet_graph(concrete(manifest, variant)))
+        assert counter.variant(variant) == pytest.approx(graph.macs, rel=1e-3), graph.file
