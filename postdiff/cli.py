@@ -357,10 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     export = sub.add_parser("export", help=_cmd_export.__doc__, description=_cmd_export.__doc__)
-    export.add_argument("model", help=f"local diffusers folder (SD 1.x/2.x or SDXL layout) or a built-in spec: "
+    export.add_argument("model", help=f"local diffusers folder (SD 1.x/2.x, SDXL or PixArt-alpha layout) or a built-in spec: "
                                       f"{models} (digits is the embedded MNIST model; random:sdxl-slim is SDXL's "
                                       "layout at 1/5 width, the benchmark model; random:sdxl the full SDXL "
-                                      "architecture: a workstation export, docs/sdxl.md)")
+                                      "architecture: a workstation export, docs/sdxl.md; random:pixart-slim is "
+                                      "PixArt-alpha's layout at 1/4 width, docs/pixart.md)")
     export.add_argument("--out", required=True, help="bundle folder to create (must not exist)")
     export.add_argument("--resolution", metavar="HxW", help="image size in pixels (default: the model's)")
     export.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision")
