@@ -250,3 +250,29 @@ def test_architecture_macs_equal_the_exported_graphs_counts(pixart_bundle: Path)
     for variant in variants:
         graph = manifest.graph(manifest.unet_graph(concrete(manifest, variant)))
         assert counter.variant(variant) == pytest.approx(graph.macs, rel=1e-3), graph.file
+
+
+@pytest.mark.parametrize("graph,latent", [("unet-12x12-b2-deep1-write", (12, 12)), ("unet-16x16-b2", (16, 16))])
+def test_each_exported_stage_graph_is_diffusers_at_its_resolution(pixart_bundle: Path, pixart_model, graph: str,
+                                                                  latent: tuple[int, int]) -> None:
+    """The exported ONNX graph of each stage of postdiff-pixart (3/4 and full) against diffusers'
+    PixArtTransformer2DModel run at that stage's size with the pipeline's micro-conditions there, on a
+    padded T5 mask: the position embedding, micro-conditions and epsilon half baked into the graph are
+    diffusers' at that resolution."""
+    import onnxruntime as ort
+
+    generator = torch.Generator().manual_seed(7)
+    sample = torch.randn(2, 4, *latent, generator=generator)
+    context = torch.randn(2, 120, 32, generator=generator)
+    mask = (torch.arange(120)[None, :] < torch.tensor([[5], [11]])).long()
+    timestep = torch.tensor([321.0, 321.0])
+    session = ort.InferenceSession(str(pixart_bundle / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
+    ours = session.run([names.NOISE_PRED], {names.SAMPLE: sample.numpy(), names.TIMESTEP: timestep.numpy(),
+                                            names.CONTEXT: context.numpy(), names.ENCODER_MASK: mask.numpy()})[0]
+    h, w = (side * pixart_model.vae_scale_factor for side in latent)
+    added = {"resolution": torch.tensor([h, w]).repeat(2, 1).float(),
+             "aspect_ratio": torch.tensor([float(h / w)]).repeat(2, 1)}
+    with torch.no_grad():
+        theirs = pixart_model.unet(sample, encoder_hidden_states=context, encoder_attention_mask=mask,
+                                   timestep=timestep, added_cond_kwargs=added, return_dict=False)[0].chunk(2, dim=1)[0]
+    assert float(np.max(np.abs(ours - theirs.numpy()))) <= 1e-4 * max(1.0, float(theirs.abs().max()))
