@@ -9,6 +9,7 @@ place. A failure at any stage leaves nothing at the destination.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -158,6 +159,7 @@ def export_bundle(options: ExportOptions, progress: bool = True) -> Manifest:
 def _export_graph(plan: GraphPlan, stage: Path, scratch: Path, precision: str, store: WeightStore) -> GraphSpec:
     file = f"{plan.name}.onnx"
     initializers: dict[str, str] = {}
+    external = ""
     if plan.role == names.UNET:  # weights go to the file all UNet variants share
         export_onnx(plan, scratch / file)
         graph = onnx.load(str(scratch / file), load_external_data=True)
@@ -166,8 +168,7 @@ def _export_graph(plan: GraphPlan, stage: Path, scratch: Path, precision: str, s
         for leftover in scratch.iterdir():  # the tracer's own side files for > 2 GB models
             leftover.unlink()
     else:
-        export_onnx(plan, stage / file)
-        graph = onnx.load(str(stage / file))
+        graph, external = _export_own_weights(plan, stage, scratch, file)
     macs = count_macs(graph)
     tolerance = FP16_TOLERANCE if precision == "fp16" else FP32_TOLERANCE
     parity = measure_parity(plan, stage / file, tolerance)
@@ -176,7 +177,39 @@ def _export_graph(plan: GraphPlan, stage: Path, scratch: Path, precision: str, s
         inputs=tuple(_tensor_spec(v) for v in graph.graph.input),
         outputs=tuple(_tensor_spec(v) for v in graph.graph.output),
         precision=precision, parity=parity, macs=macs, variant=plan.variant, initializers=initializers,
+        external_data=external, external_sha256=sha256_file(stage / external) if external else "",
     )
+
+
+#: A graph other than the denoiser whose weights reach this many bytes keeps them in one external-data file
+#: ``NAME.weights`` beside it (protobuf cannot hold 2 GB; T5-XXL is 19 GB in fp32).
+OWN_WEIGHTS_FILE_BYTES = 1 << 30
+
+
+def _export_own_weights(plan: GraphPlan, stage: Path, scratch: Path, file: str) -> tuple[onnx.ModelProto, str]:
+    """Trace a text encoder / decoder graph into ``stage``; returns (graph, external-data file or "").
+
+    Above 2 GB the tracer writes one side file per tensor; those, or any graph whose weights reach
+    :data:`OWN_WEIGHTS_FILE_BYTES`, are gathered into one ``NAME.weights`` file the manifest lists and hashes.
+    """
+    export_onnx(plan, scratch / file)
+    side_files = [p for p in scratch.iterdir() if p.name != file]
+    if not side_files and (scratch / file).stat().st_size < OWN_WEIGHTS_FILE_BYTES:  # the tracer's file as it is
+        os.replace(scratch / file, stage / file)
+        return onnx.load(str(stage / file)), ""
+    graph = onnx.load(str(scratch / file), load_external_data=True)
+    weight_bytes = sum(len(t.raw_data) for t in graph.graph.initializer)
+    external = ""
+    if side_files or weight_bytes >= OWN_WEIGHTS_FILE_BYTES:
+        external = f"{plan.name}.weights"
+        onnx.save_model(graph, str(stage / file), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external, size_threshold=1024)
+        graph = onnx.load(str(stage / file), load_external_data=False)
+    else:
+        onnx.save_model(graph, str(stage / file))
+    for leftover in scratch.iterdir():
+        leftover.unlink()
+    return graph, external
 
 
 def _export_merged(model: LoadedModel, plans: list[GraphPlan], graphs: dict[str, GraphSpec], stage: Path,

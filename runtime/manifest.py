@@ -57,6 +57,10 @@ class GraphSpec:
     variant: UNetVariant | None = None  # UNet graphs only
     initializers: dict[str, str] = field(default_factory=dict)  # initializer name -> key in weights.tensors
     merged: MergedUNet | None = field(default=None, metadata={OMIT_DEFAULT: True})  # the merged UNet only
+    # A text encoder or decoder too large for one protobuf (> 2 GB, e.g. T5-XXL): its weights as ONNX
+    # external data in this one file beside the graph, and the file's sha256 ("" for graphs that hold theirs).
+    external_data: str = field(default="", metadata={OMIT_DEFAULT: True})
+    external_sha256: str = field(default="", metadata={OMIT_DEFAULT: True})
 
     def input(self, name: str) -> TensorSpec:
         """The input called ``name``; BundleError if the graph has none."""
@@ -339,6 +343,7 @@ def load_manifest(bundle: Path, verify: bool = True) -> Manifest:
 def bundle_files(manifest: Manifest) -> dict[str, str]:
     """Every file the manifest names, mapped to its expected sha256."""
     files = {spec.file: spec.sha256 for spec in manifest.graphs.values()}
+    files.update({spec.external_data: spec.external_sha256 for spec in manifest.graphs.values() if spec.external_data})
     if manifest.tokenizer.file:
         files[manifest.tokenizer.file] = manifest.tokenizer.sha256
     if manifest.tokenizer_2 is not None and manifest.tokenizer_2.file:

@@ -70,6 +70,9 @@ def weight_parts(manifest: Manifest, bundle: Path, name: str, shared: bool) -> d
         parts = {f"file:{spec.file}": (Path(bundle) / spec.file).stat().st_size}
     except OSError:
         parts = {f"file:{spec.file}": 0}  # a missing file is reported by verification, not here
+    if spec.external_data:  # a > 2 GB text encoder's own weights file
+        path = Path(bundle) / spec.external_data
+        parts[f"file:{spec.external_data}"] = path.stat().st_size if path.is_file() else 0
     for key in spec.initializers.values():
         entry = manifest.weights.tensors.get(key)
         if entry is not None:

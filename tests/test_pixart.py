@@ -276,3 +276,34 @@ def test_each_exported_stage_graph_is_diffusers_at_its_resolution(pixart_bundle:
         theirs = pixart_model.unet(sample, encoder_hidden_states=context, encoder_attention_mask=mask,
                                    timestep=timestep, added_cond_kwargs=added, return_dict=False)[0].chunk(2, dim=1)[0]
     assert float(np.max(np.abs(ours - theirs.numpy()))) <= 1e-4 * max(1.0, float(theirs.abs().max()))
+
+
+def test_a_text_encoder_too_large_for_one_protobuf_keeps_its_weights_in_one_listed_file(
+        tmp_path: Path, pixart_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """T5-XXL is 19 GB: its graph's weights go to one `text_encoder.weights` file the manifest lists and hashes
+    (forced here on tiny-pixart by lowering the threshold); generation is unchanged and a corrupted weights
+    file is caught by verification."""
+    import postdiff.exporter.export as export_module
+    from postdiff.errors import BundleError
+    from postdiff.runtime.manifest import bundle_files, load_manifest
+
+    monkeypatch.setattr(export_module, "OWN_WEIGHTS_FILE_BYTES", 1)
+    out = tmp_path / "bundle"
+    export_module.export_bundle(export_module.ExportOptions(source="random:tiny-pixart", out=out), progress=False)
+    manifest = load_manifest(out)
+    encoder = manifest.graph(names.TEXT_ENCODER)
+    assert encoder.external_data == "text_encoder.weights" and "text_encoder.weights" in bundle_files(manifest)
+    import onnx
+
+    graph = onnx.load(str(out / "text_encoder.onnx"), load_external_data=False)
+    external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(len(t.raw_data) < 1024 for t in graph.graph.initializer)
+    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"text_encoder.weights"}
+    options = GenerateOptions(prompt="a red cube", seed=2, steps=3, guidance=4.5)
+    ours = Pipeline(out).generate(options).latents
+    np.testing.assert_allclose(ours, Pipeline(pixart_bundle).generate(options).latents, rtol=0, atol=1e-6)
+    with open(out / "text_encoder.weights", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="text_encoder.weights"):
+        load_manifest(out)
