@@ -204,26 +204,49 @@ def test_caches_change_the_result(pixart_bundle: Path) -> None:
     assert float(np.max(np.abs(base - ours))) > 1e-2
 
 
-def test_a_local_pixart_folder_exports_as_the_builtin(tmp_path: Path, pixart_model, pixart_bundle: Path) -> None:
+def test_a_local_pixart_folder_exports_as_the_builtin(tmp_path: Path, pixart_model, pixart_bundle: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A PixArtAlphaPipeline.save_pretrained folder (tokenizer.json inside: no sentencepiece needed) is recognised,
     loads, exports and generates what the built-in it was saved from generates (its default size is
-    sample_size x the VAE's factor, 256 px here; exported at the built-in's 32 px)."""
-    from postdiff.exporter.export import ExportOptions, export_bundle
+    sample_size x the VAE's factor, 256 px here; exported at the built-in's 32 px).
+
+    The same export checks the T5-XXL path (19 GB, over protobuf's 2 GB): with the threshold lowered, the
+    text encoder's weights go to one `text_encoder.weights` file the manifest lists and hashes; generation is
+    unchanged and a corrupted weights file is caught by verification."""
+    import onnx
+
+    import postdiff.exporter.export as export_module
+    from postdiff.errors import BundleError
     from postdiff.exporter.options import source_layout
     from postdiff.exporter.torch_reference import pixart_pipeline
+    from postdiff.runtime.manifest import bundle_files, load_manifest
 
     folder = tmp_path / "pixart-folder"
     pixart_pipeline(pixart_model).save_pretrained(folder)
     (folder / "scheduler" / "scheduler_config.json").write_text(
         __import__("json").dumps(pixart_model.scheduler_config))
     assert source_layout(str(folder)) == "pixart"
+    monkeypatch.setattr(export_module, "OWN_WEIGHTS_FILE_BYTES", 1)
     out = tmp_path / "bundle"
-    export_bundle(ExportOptions(source=str(folder), out=out, resolution=(32, 32)), progress=False)
-    assert Pipeline(out).manifest.model.source == "pixart-folder"
+    export_module.export_bundle(export_module.ExportOptions(source=str(folder), out=out, resolution=(32, 32)),
+                                progress=False)
+    manifest = load_manifest(out)
+    assert manifest.model.source == "pixart-folder"
+    encoder = manifest.graph(names.TEXT_ENCODER)
+    assert encoder.external_data == "text_encoder.weights" and "text_encoder.weights" in bundle_files(manifest)
+    graph = onnx.load(str(out / "text_encoder.onnx"), load_external_data=False)
+    external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(len(t.raw_data) < 1024 for t in graph.graph.initializer)
+    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"text_encoder.weights"}
     options = GenerateOptions(prompt="a red cube", seed=2, steps=4, guidance=4.5)
     ours = Pipeline(out).generate(options).latents
     builtin = Pipeline(pixart_bundle).generate(options).latents
     assert float(np.max(np.abs(ours - builtin))) <= 1e-5 * max(1.0, float(np.abs(builtin).max()))
+    with open(out / "text_encoder.weights", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError, match="text_encoder.weights"):
+        load_manifest(out)
 
 
 def test_a_pixart_folder_missing_a_part_is_refused(tmp_path: Path) -> None:
@@ -276,34 +299,3 @@ def test_each_exported_stage_graph_is_diffusers_at_its_resolution(pixart_bundle:
         theirs = pixart_model.unet(sample, encoder_hidden_states=context, encoder_attention_mask=mask,
                                    timestep=timestep, added_cond_kwargs=added, return_dict=False)[0].chunk(2, dim=1)[0]
     assert float(np.max(np.abs(ours - theirs.numpy()))) <= 1e-4 * max(1.0, float(theirs.abs().max()))
-
-
-def test_a_text_encoder_too_large_for_one_protobuf_keeps_its_weights_in_one_listed_file(
-        tmp_path: Path, pixart_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """T5-XXL is 19 GB: its graph's weights go to one `text_encoder.weights` file the manifest lists and hashes
-    (forced here on tiny-pixart by lowering the threshold); generation is unchanged and a corrupted weights
-    file is caught by verification."""
-    import postdiff.exporter.export as export_module
-    from postdiff.errors import BundleError
-    from postdiff.runtime.manifest import bundle_files, load_manifest
-
-    monkeypatch.setattr(export_module, "OWN_WEIGHTS_FILE_BYTES", 1)
-    out = tmp_path / "bundle"
-    export_module.export_bundle(export_module.ExportOptions(source="random:tiny-pixart", out=out), progress=False)
-    manifest = load_manifest(out)
-    encoder = manifest.graph(names.TEXT_ENCODER)
-    assert encoder.external_data == "text_encoder.weights" and "text_encoder.weights" in bundle_files(manifest)
-    import onnx
-
-    graph = onnx.load(str(out / "text_encoder.onnx"), load_external_data=False)
-    external = [t for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    assert external and all(len(t.raw_data) < 1024 for t in graph.graph.initializer)
-    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"text_encoder.weights"}
-    options = GenerateOptions(prompt="a red cube", seed=2, steps=3, guidance=4.5)
-    ours = Pipeline(out).generate(options).latents
-    np.testing.assert_allclose(ours, Pipeline(pixart_bundle).generate(options).latents, rtol=0, atol=1e-6)
-    with open(out / "text_encoder.weights", "r+b") as handle:
-        handle.seek(100)
-        handle.write(b"\x00\x01\x02\x03")
-    with pytest.raises(BundleError, match="text_encoder.weights"):
-        load_manifest(out)
