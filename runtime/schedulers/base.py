@@ -612,3 +612,131 @@ def vp_add_noise(abar_t: np.float32, x0: np.ndarray, noise: np.ndarray) -> np.nd
     noise = as_f32(noise, "noise")
     check_same_shape(x0, "x0", noise, "noise")
     return (np.sqrt(abar_t) * x0 + np.sqrt(F32_ONE - abar_t) * noise).astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Multistep solvers in DPM-Solver's notation (DPM-Solver++, UniPC)
+# --------------------------------------------------------------------------------------------
+
+
+def spaced_timesteps(spacing: str, n: int, num_train_timesteps: int, last: int, steps_offset: int) -> np.ndarray:
+    """The ``n`` integer timesteps of DPM-Solver's and UniPC's ``timestep_spacing``, highest first,
+    over the training range [0, ``last`` - 1] (``last`` < num_train_timesteps when the top is clipped):
+    linspace = n + 1 points rounded, highest n kept; leading = multiples of last // (n + 1) plus
+    ``steps_offset``; trailing = every num_train_timesteps / n down from ``last``, minus 1."""
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        ratio = last // (n + 1)
+        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
+    return np.arange(last, 0, -num_train_timesteps / n).round().copy().astype(np.int64) - 1
+
+
+class MultistepScheduler(Scheduler):
+    """What DPM-Solver(++) and UniPC share: VE sigmas per step, (alpha_t, sigma_t, lambda_t), a history
+    of the last ``order`` converted model outputs, and the checks at the start of every step.
+
+    Notation (Lu et al. 2022, "DPM-Solver"): sigma_i = sqrt((1 - abar) / abar) is the
+    variance-exploding noise level of step i; alpha_t = 1 / sqrt(1 + sigma^2), sigma_t = sigma alpha_t
+    (so x_t = alpha_t x0 + sigma_t eps); lambda_t = log(alpha_t / sigma_t) is the half log-SNR.
+    """
+
+    def __init__(self, config: Mapping[str, Any] | None = None, seed: int = 0) -> None:
+        super().__init__(config, seed)
+        self._train_sigmas = ve_sigmas(self.alphas_cumprod)
+        self.sigmas = self._train_sigmas.copy()
+        self.init_noise_sigma = 1.0
+        n = self.num_train_timesteps
+        self.timesteps = np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy()
+        self.order: int = self.config["solver_order"]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the stored model outputs: the next step is first order, like a fresh solver's."""
+        super().reset()
+        self._model_outputs: list[np.ndarray | None] = [None] * self.order
+        self._lower_order_nums = 0
+        self._last_index: int | None = None
+
+    @staticmethod
+    def _alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
+        """VE sigma -> VP (alpha_t, sigma_t): alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t."""
+        alpha_t = F32_ONE / np.sqrt(sigma * sigma + F32_ONE)
+        return alpha_t, sigma * alpha_t
+
+    def _lambda(self, index: int) -> tuple[np.float32, np.float32, np.float32]:
+        """(alpha_t, sigma_t, lambda_t) of step ``index``; lambda = log(alpha_t) - log(sigma_t)."""
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[index])
+        return alpha_t, sigma_t, log_f32(alpha_t) - log_f32(sigma_t)
+
+    def _x0(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+        """Data prediction x_theta at step ``index``: the model output converted to x0."""
+        kind = self.config["prediction_type"]
+        if kind == "sample":
+            return model_output.copy()  # kept as history: must not alias the caller's array
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[index])
+        if kind == "epsilon":
+            # x0 = (x_t - sigma_t eps) / alpha_t
+            return (sample - sigma_t * model_output) / alpha_t
+        # v-prediction: x0 = alpha_t x_t - sigma_t v
+        return alpha_t * sample - sigma_t * model_output
+
+    def _eps(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
+        """Noise prediction eps_theta at step ``index``."""
+        kind = self.config["prediction_type"]
+        if kind == "epsilon":
+            return model_output.copy()
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[index])
+        if kind == "sample":
+            # eps = (x_t - alpha_t x0) / sigma_t
+            return (sample - alpha_t * model_output) / sigma_t
+        # v-prediction: eps = alpha_t v + sigma_t x_t
+        return alpha_t * model_output + sigma_t * sample
+
+    def _begin_step(self, model_output: np.ndarray, timestep: Any,
+                    sample: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        """The checks every step starts with: (model_output, sample) as float32 of one shape, and the
+        step's index. A step that is not the one after the previous forgets the history (reset); a
+        sample of another shape than the history's (a resolution switch without reset) is refused."""
+        self._require_timesteps("step")
+        model_output = as_f32(model_output, "model_output")
+        sample = as_f32(sample, "sample")
+        check_same_shape(model_output, "model_output", sample, "sample")
+        index = self.index_for_timestep(timestep)
+        if self._last_index is not None and self._last_index != index - 1:
+            self.reset()  # the stored outputs are not the previous steps': behave like a fresh solver
+        previous = self._model_outputs[-1]
+        if previous is not None and previous.shape != sample.shape:
+            raise InputError(
+                f"{self.name} step got a sample of shape {list(sample.shape)} but its history holds "
+                f"shape {list(previous.shape)}; expected the same latent size between steps; call "
+                "reset() after a resolution switch"
+            )
+        return model_output, sample, index
+
+    def _end_step(self, index: int, prev: np.ndarray) -> np.ndarray:
+        """Record that step ``index`` ran; returns its result ``prev`` as float32."""
+        self._lower_order_nums = min(self._lower_order_nums + 1, self.order)
+        self._last_index = index
+        self._next_index = index + 1
+        return prev.astype(np.float32, copy=False)
+
+    def predict_x0(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
+        """x0 at ``timestep`` (one of ``timesteps``), with alpha_t, sigma_t from the step's sigma."""
+        self._require_timesteps("predict_x0")
+        model_output = as_f32(model_output, "model_output")
+        sample = as_f32(sample, "sample")
+        check_same_shape(model_output, "model_output", sample, "sample")
+        x0 = self._x0(model_output, self.index_for_timestep(timestep), sample)
+        return x0.astype(np.float32, copy=False)
+
+    def add_noise(self, x0: np.ndarray, noise: np.ndarray, timestep: Any) -> np.ndarray:
+        """alpha_t x0 + sigma_t noise at ``timestep`` (one of ``timesteps``), with alpha_t, sigma_t
+        from the step's sigma as diffusers' add_noise does; equal to
+        sqrt(abar_t) x0 + sqrt(1 - abar_t) noise up to float32 rounding."""
+        self._require_timesteps("add_noise")
+        x0 = as_f32(x0, "x0")
+        noise = as_f32(noise, "noise")
+        check_same_shape(x0, "x0", noise, "noise")
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[self.index_for_timestep(timestep)])
+        return (alpha_t * x0 + sigma_t * noise).astype(np.float32, copy=False)

@@ -7,11 +7,10 @@ Karras sigmas, ``lower_order_final``, ``euler_at_final``, ``final_sigmas_type``,
 ``lambda_min_clipped``. Not ported: the SDE variants, exponential/beta/Lu/flow sigma schedules,
 dynamic thresholding, learned variance.
 
-Notation (Lu et al. 2022, "DPM-Solver" and "DPM-Solver++"): sigma_i = sqrt((1 - abar) / abar) is
-the variance-exploding noise level of step i; alpha_t = 1 / sqrt(1 + sigma^2), sigma_t =
-sigma * alpha_t (so x_t = alpha_t x0 + sigma_t eps); lambda_t = log(alpha_t / sigma_t) is the half
-log-SNR; h = lambda_t - lambda_s is a step in lambda. The solver keeps the last ``solver_order``
-converted model outputs m (x0 for "++", eps otherwise) as its history.
+Notation (Lu et al. 2022, "DPM-Solver" and "DPM-Solver++"): sigma_i, alpha_t, sigma_t and the half
+log-SNR lambda_t as in ``base.MultistepScheduler``; h = lambda_t - lambda_s is a step in lambda. The
+solver keeps the last ``solver_order`` converted model outputs m (x0 for "++", eps otherwise) as its
+history.
 """
 
 from __future__ import annotations
@@ -21,27 +20,23 @@ from typing import Any
 
 import numpy as np
 
-from postdiff.errors import InputError
 from postdiff.runtime.schedulers.base import (
     COMMON_DEFAULTS,
     F32_HALF,
     F32_ONE,
-    Scheduler,
-    as_f32,
-    check_same_shape,
+    MultistepScheduler,
     exp_f32,
     karras_sigmas,
-    log_f32,
     sigma_to_t,
     sigmas_at,
+    spaced_timesteps,
     unsupported,
-    ve_sigmas,
 )
 
 ALGORITHM_TYPES = ("dpmsolver++", "dpmsolver")
 
 
-class DPMSolverMultistepScheduler(Scheduler):
+class DPMSolverMultistepScheduler(MultistepScheduler):
     """DPM-Solver(++) multistep, deterministic."""
 
     name = "dpm-solver"
@@ -60,18 +55,6 @@ class DPMSolverMultistepScheduler(Scheduler):
     }
     UNPORTED = ("thresholding", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
                 "variance_type", "rescale_betas_zero_snr", "use_dynamic_shifting")
-
-    def __init__(self, config: Mapping[str, Any] | None = None, seed: int = 0) -> None:
-        super().__init__(config, seed)
-        self._train_sigmas = ve_sigmas(self.alphas_cumprod)
-        self.sigmas = self._train_sigmas.copy()
-        self.init_noise_sigma = 1.0
-        n = self.num_train_timesteps
-        self.timesteps = np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy()
-        self.order = self.config["solver_order"]
-        self._model_outputs: list[np.ndarray | None] = [None] * self.order
-        self._lower_order_nums = 0
-        self._last_index: int | None = None
 
     def _check_config(self) -> None:
         self._allowed("algorithm_type", ALGORITHM_TYPES)
@@ -94,17 +77,7 @@ class DPMSolverMultistepScheduler(Scheduler):
                 lambdas = np.log(alpha).astype(np.float32) - np.log(sigma).astype(np.float32)
             clipped = int(np.searchsorted(lambdas[::-1], np.float32(self.config["lambda_min_clipped"])))
         last = big_t - clipped
-        spacing = self.config["timestep_spacing"]
-        if spacing == "linspace":
-            # n + 1 points over [0, last - 1], rounded, highest n kept.
-            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            ratio = last // (n + 1)
-            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
-            ts = ts + self.config["steps_offset"]
-        else:  # trailing
-            ratio = big_t / n
-            ts = np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
+        ts = spaced_timesteps(self.config["timestep_spacing"], n, big_t, last, self.config["steps_offset"])
         self.sigmas = sigmas_at(ts, self._train_sigmas, self.config["final_sigmas_type"])
         if self.config["use_karras_sigmas"]:
             # Karras et al. eq. 5 over the whole training range, mapped back to integer timesteps
@@ -116,49 +89,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         self.num_inference_steps = len(ts)
         return ts.astype(np.int64)
 
-    def reset(self) -> None:
-        """Forget the stored model outputs: the next step is first order, like a fresh solver's."""
-        super().reset()
-        self._model_outputs = [None] * self.order
-        self._lower_order_nums = 0
-        self._last_index = None
-
     # -- formulas ------------------------------------------------------------------------------
-
-    @staticmethod
-    def _alpha_sigma(sigma: np.float32) -> tuple[np.float32, np.float32]:
-        """VE sigma -> VP (alpha_t, sigma_t): alpha_t = 1 / sqrt(sigma^2 + 1), sigma_t = sigma alpha_t."""
-        alpha_t = F32_ONE / np.sqrt(sigma * sigma + F32_ONE)
-        return alpha_t, sigma * alpha_t
-
-    def _lambda(self, index: int) -> tuple[np.float32, np.float32, np.float32]:
-        """(alpha_t, sigma_t, lambda_t) of step ``index``; lambda = log(alpha_t) - log(sigma_t)."""
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[index])
-        return alpha_t, sigma_t, log_f32(alpha_t) - log_f32(sigma_t)
-
-    def _x0(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
-        """Data prediction x_theta at step ``index``: the model output converted to x0."""
-        kind = self.config["prediction_type"]
-        if kind == "sample":
-            return model_output.copy()  # kept as history: must not alias the caller's array
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[index])
-        if kind == "epsilon":
-            # x0 = (x_t - sigma_t eps) / alpha_t
-            return (sample - sigma_t * model_output) / alpha_t
-        # v-prediction: x0 = alpha_t x_t - sigma_t v
-        return alpha_t * sample - sigma_t * model_output
-
-    def _eps(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
-        """Noise prediction eps_theta at step ``index`` (what "dpmsolver" keeps as history)."""
-        kind = self.config["prediction_type"]
-        if kind == "epsilon":
-            return model_output.copy()
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[index])
-        if kind == "sample":
-            # eps = (x_t - alpha_t x0) / sigma_t
-            return (sample - alpha_t * model_output) / sigma_t
-        # v-prediction: eps = alpha_t v + sigma_t x_t
-        return alpha_t * model_output + sigma_t * sample
 
     def _convert(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
         if self.config["algorithm_type"] == "dpmsolver++":
@@ -242,21 +173,7 @@ class DPMSolverMultistepScheduler(Scheduler):
         ``lower_order_final`` is set with < 15 steps, and the one before it at most second order in
         that last case.
         """
-        self._require_timesteps("step")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
-        index = self.index_for_timestep(timestep)
-        if self._last_index is not None and self._last_index != index - 1:
-            # The stored outputs are not the previous steps': behave like a fresh solver.
-            self.reset()
-        previous = self._model_outputs[-1]
-        if previous is not None and previous.shape != sample.shape:
-            raise InputError(
-                f"{self.name} step got a sample of shape {list(sample.shape)} but its history holds "
-                f"shape {list(previous.shape)}; expected the same latent size between steps; call "
-                "reset() after a resolution switch"
-            )
+        model_output, sample, index = self._begin_step(model_output, timestep, sample)
         n = len(self.timesteps)
         short = self.config["lower_order_final"] and n < 15
         final_first_order = index == n - 1 and (
@@ -273,27 +190,4 @@ class DPMSolverMultistepScheduler(Scheduler):
                 prev = self._second_order(index, sample)
             else:
                 prev = self._third_order(index, sample)
-        self._lower_order_nums = min(self._lower_order_nums + 1, self.order)
-        self._last_index = index
-        self._next_index = index + 1
-        return prev.astype(np.float32, copy=False)
-
-    def predict_x0(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
-        """x0 at ``timestep`` (one of ``timesteps``), as the "++" solver converts the output."""
-        self._require_timesteps("predict_x0")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
-        x0 = self._x0(model_output, self.index_for_timestep(timestep), sample)
-        return x0.astype(np.float32, copy=False)
-
-    def add_noise(self, x0: np.ndarray, noise: np.ndarray, timestep: Any) -> np.ndarray:
-        """alpha_t x0 + sigma_t noise at ``timestep`` (one of ``timesteps``), with alpha_t, sigma_t
-        from the step's sigma as diffusers' add_noise does; equal to
-        sqrt(abar_t) x0 + sqrt(1 - abar_t) noise up to float32 rounding."""
-        self._require_timesteps("add_noise")
-        x0 = as_f32(x0, "x0")
-        noise = as_f32(noise, "noise")
-        check_same_shape(x0, "x0", noise, "noise")
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[self.index_for_timestep(timestep)])
-        return (alpha_t * x0 + sigma_t * noise).astype(np.float32, copy=False)
+        return self._end_step(index, prev)

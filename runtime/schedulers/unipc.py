@@ -24,17 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from postdiff.errors import InputError
 from postdiff.runtime.schedulers.base import (
     COMMON_DEFAULTS,
     F32_HALF,
     F32_ONE,
-    Scheduler,
-    as_f32,
-    check_same_shape,
-    log_f32,
+    MultistepScheduler,
     sigmas_at,
-    ve_sigmas,
+    spaced_timesteps,
 )
 
 
@@ -46,7 +42,7 @@ def _expm1_f32(x: np.float32) -> np.float32:
         return np.float32(np.inf)
 
 
-class UniPCMultistepScheduler(Scheduler):
+class UniPCMultistepScheduler(MultistepScheduler):
     """UniPC multistep, deterministic."""
 
     name = "unipc"
@@ -64,16 +60,6 @@ class UniPCMultistepScheduler(Scheduler):
     UNPORTED = ("thresholding", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                 "use_flow_sigmas", "rescale_betas_zero_snr", "use_dynamic_shifting", "shift_terminal")
 
-    def __init__(self, config: Mapping[str, Any] | None = None, seed: int = 0) -> None:
-        super().__init__(config, seed)
-        self._train_sigmas = ve_sigmas(self.alphas_cumprod)
-        self.sigmas = self._train_sigmas.copy()
-        self.init_noise_sigma = 1.0
-        n = self.num_train_timesteps
-        self.timesteps = np.linspace(0, n - 1, n, dtype=np.float32)[::-1].copy()
-        self.order = self.config["solver_order"]
-        self.reset()
-
     def _check_config(self) -> None:
         self._allowed("solver_order", (1, 2, 3))
         if self.config["solver_type"] in ("midpoint", "heun", "logrho"):
@@ -82,15 +68,7 @@ class UniPCMultistepScheduler(Scheduler):
     def _compute_timesteps(self, num_inference_steps: int) -> np.ndarray:
         n = num_inference_steps
         big_t = self.num_train_timesteps
-        spacing = self.config["timestep_spacing"]
-        if spacing == "linspace":
-            ts = np.linspace(0, big_t - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-        elif spacing == "leading":
-            ratio = big_t // (n + 1)
-            ts = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
-            ts = ts + self.config["steps_offset"]
-        else:  # trailing
-            ts = np.arange(big_t, 0, -big_t / n).round().copy().astype(np.int64) - 1
+        ts = spaced_timesteps(self.config["timestep_spacing"], n, big_t, big_t, self.config["steps_offset"])
         self.sigmas = sigmas_at(ts, self._train_sigmas, self.config["final_sigmas_type"])
         self.num_inference_steps = len(ts)
         return ts.astype(np.int64)
@@ -98,36 +76,16 @@ class UniPCMultistepScheduler(Scheduler):
     def reset(self) -> None:
         """Forget the history and the pending correction: the next step is a first-order predictor."""
         super().reset()
-        self._model_outputs: list[np.ndarray | None] = [None] * self.order
-        self._lower_order_nums = 0
         self._last_sample: np.ndarray | None = None
         self._this_order = 1
-        self._last_index: int | None = None
 
     # -- formulas ------------------------------------------------------------------------------
 
-    def _lambda(self, index: int) -> tuple[np.float32, np.float32, np.float32]:
-        """(alpha_t, sigma_t, lambda_t) of step ``index`` (alpha_t = 1 / sqrt(sigma^2 + 1))."""
-        sigma = self.sigmas[index]
-        alpha_t = F32_ONE / np.sqrt(sigma * sigma + F32_ONE)
-        sigma_t = sigma * alpha_t
-        return alpha_t, sigma_t, log_f32(alpha_t) - log_f32(sigma_t)
-
     def _convert(self, model_output: np.ndarray, index: int, sample: np.ndarray) -> np.ndarray:
         """The model output as x0 (``predict_x0``) or as eps, at step ``index``."""
-        alpha_t, sigma_t, _ = self._lambda(index)
-        kind = self.config["prediction_type"]
         if self.config["predict_x0"]:
-            if kind == "epsilon":
-                return (sample - sigma_t * model_output) / alpha_t
-            if kind == "sample":
-                return model_output.copy()
-            return alpha_t * sample - sigma_t * model_output
-        if kind == "epsilon":
-            return model_output.copy()
-        if kind == "sample":
-            return (sample - alpha_t * model_output) / sigma_t
-        return alpha_t * model_output + sigma_t * sample
+            return self._x0(model_output, index, sample)
+        return self._eps(model_output, index, sample)
 
     def _update(self, x: np.ndarray, target: int, base: int, order: int,
                 model_t: np.ndarray | None) -> np.ndarray:
@@ -179,20 +137,7 @@ class UniPCMultistepScheduler(Scheduler):
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
         """Correct ``sample`` with UniC (when the previous step was the preceding index), then
         predict the next sample with UniP; orders rise with the history as in diffusers."""
-        self._require_timesteps("step")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
-        index = self.index_for_timestep(timestep)
-        if self._last_index is not None and self._last_index != index - 1:
-            self.reset()
-        previous = self._model_outputs[-1]
-        if previous is not None and previous.shape != sample.shape:
-            raise InputError(
-                f"unipc step got a sample of shape {list(sample.shape)} but its history holds shape "
-                f"{list(previous.shape)}; expected the same latent size between steps; call reset() "
-                "after a resolution switch"
-            )
+        model_output, sample, index = self._begin_step(model_output, timestep, sample)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             converted = self._convert(model_output, index, sample)
             if index > 0 and (index - 1) not in self.config["disable_corrector"] and self._last_sample is not None:
@@ -204,32 +149,4 @@ class UniPCMultistepScheduler(Scheduler):
             self._this_order = min(order, self._lower_order_nums + 1)
             self._last_sample = sample
             prev = self._update(sample, index + 1, index, self._this_order, None)
-        self._lower_order_nums = min(self._lower_order_nums + 1, self.order)
-        self._last_index = index
-        self._next_index = index + 1
-        return prev.astype(np.float32, copy=False)
-
-    def predict_x0(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
-        """x0 at ``timestep`` (one of ``timesteps``): alpha/sigma from the step's sigma."""
-        self._require_timesteps("predict_x0")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
-        alpha_t, sigma_t, _ = self._lambda(self.index_for_timestep(timestep))
-        kind = self.config["prediction_type"]
-        if kind == "epsilon":
-            x0 = (sample - sigma_t * model_output) / alpha_t
-        elif kind == "sample":
-            x0 = model_output
-        else:
-            x0 = alpha_t * sample - sigma_t * model_output
-        return np.array(x0, dtype=np.float32)
-
-    def add_noise(self, x0: np.ndarray, noise: np.ndarray, timestep: Any) -> np.ndarray:
-        """alpha_t x0 + sigma_t noise at ``timestep`` (one of ``timesteps``), as diffusers' add_noise."""
-        self._require_timesteps("add_noise")
-        x0 = as_f32(x0, "x0")
-        noise = as_f32(noise, "noise")
-        check_same_shape(x0, "x0", noise, "noise")
-        alpha_t, sigma_t, _ = self._lambda(self.index_for_timestep(timestep))
-        return (alpha_t * x0 + sigma_t * noise).astype(np.float32, copy=False)
+        return self._end_step(index, prev)
