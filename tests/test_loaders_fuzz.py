@@ -62,78 +62,49 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fuzz")
 
 
+# --- the JSON documents: manifest, schedule, device profile ---------------------------------------------
+
+# kind -> (file name it is written as, loader of that file, what the loader returns)
+LOADERS: dict[str, tuple[str, Callable[[Path], Any], type]] = {
+    "manifest": (MANIFEST_NAME, lambda path: load_manifest(path.parent, verify=False), Manifest),
+    "schedule": ("schedule.json", load_schedule, Schedule),
+    "device profile": ("device.json", load_device_profile, DeviceProfile),
+}
+
+
 @pytest.fixture(scope="module")
-def manifest_doc(tiny_bundle: Path) -> Any:
-    return json.loads((tiny_bundle / MANIFEST_NAME).read_text())
+def valid_docs(tiny_bundle: Path) -> dict[str, Any]:
+    """A valid document of each kind: what the mutations start from."""
+    return {"manifest": json.loads((tiny_bundle / MANIFEST_NAME).read_text()),
+            "schedule": json.loads((SCHEDULES_DIR / "postdiff-sd15.json").read_text()),
+            "device profile": json.loads((SCHEDULES_DIR.parent / "devices" / "cpu-2core-digits.json").read_text())}
 
 
-# --- manifest ----------------------------------------------------------------------------------------
-
-def _load_manifest_bytes(folder: Path, data: bytes) -> Callable[[], Manifest]:
-    (folder / MANIFEST_NAME).write_bytes(data)
-    return lambda: load_manifest(folder, verify=False)
-
-
-@SETTINGS
-@given(data=st.binary(max_size=300))
-def test_manifest_from_any_bytes(scratch: Path, data: bytes) -> None:
-    loads_cleanly(_load_manifest_bytes(scratch, data), Manifest)
-
-
-@SETTINGS
-@given(data=st.data())
-def test_manifest_with_any_part_replaced(scratch: Path, manifest_doc: Any, data: st.DataObject) -> None:
-    loads_cleanly(_load_manifest_bytes(scratch, encoded(mutate(manifest_doc, data))), Manifest)
-
-
-def test_the_real_manifest_loads(scratch: Path, manifest_doc: Any) -> None:  # the mutations start from a valid one
-    assert isinstance(_load_manifest_bytes(scratch, encoded(manifest_doc))(), Manifest)
-
-
-# --- schedule ------------------------------------------------------------------------------------------
-
-SCHEDULE_DOC = json.loads((SCHEDULES_DIR / "postdiff-sd15.json").read_text())
-
-
-def _load_schedule_bytes(folder: Path, data: bytes) -> Callable[[], Schedule]:
-    path = folder / "schedule.json"
+def _load_bytes(folder: Path, kind: str, data: bytes) -> Callable[[], Any]:
+    file, load, _ = LOADERS[kind]
+    path = folder / file
     path.write_bytes(data)
-    return lambda: load_schedule(path)
+    return lambda: load(path)
 
 
+@pytest.mark.parametrize("kind", LOADERS)
 @SETTINGS
 @given(data=st.binary(max_size=300))
-def test_schedule_from_any_bytes(scratch: Path, data: bytes) -> None:
-    loads_cleanly(_load_schedule_bytes(scratch, data), Schedule)
+def test_document_from_any_bytes(scratch: Path, kind: str, data: bytes) -> None:
+    loads_cleanly(_load_bytes(scratch, kind, data), LOADERS[kind][2])
 
 
+@pytest.mark.parametrize("kind", LOADERS)
 @SETTINGS
 @given(data=st.data())
-def test_schedule_with_any_part_replaced(scratch: Path, data: st.DataObject) -> None:
-    loads_cleanly(_load_schedule_bytes(scratch, encoded(mutate(SCHEDULE_DOC, data))), Schedule)
+def test_document_with_any_part_replaced(scratch: Path, valid_docs: dict[str, Any], kind: str,
+                                         data: st.DataObject) -> None:
+    loads_cleanly(_load_bytes(scratch, kind, encoded(mutate(valid_docs[kind], data))), LOADERS[kind][2])
 
 
-# --- device profile ------------------------------------------------------------------------------------
-
-PROFILE_DOC = json.loads((SCHEDULES_DIR.parent / "devices" / "cpu-2core-digits.json").read_text())
-
-
-def _load_profile_bytes(folder: Path, data: bytes) -> Callable[[], DeviceProfile]:
-    path = folder / "device.json"
-    path.write_bytes(data)
-    return lambda: load_device_profile(path)
-
-
-@SETTINGS
-@given(data=st.binary(max_size=300))
-def test_device_profile_from_any_bytes(scratch: Path, data: bytes) -> None:
-    loads_cleanly(_load_profile_bytes(scratch, data), DeviceProfile)
-
-
-@SETTINGS
-@given(data=st.data())
-def test_device_profile_with_any_part_replaced(scratch: Path, data: st.DataObject) -> None:
-    loads_cleanly(_load_profile_bytes(scratch, encoded(mutate(PROFILE_DOC, data))), DeviceProfile)
+@pytest.mark.parametrize("kind", LOADERS)
+def test_the_valid_documents_load(scratch: Path, valid_docs: dict[str, Any], kind: str) -> None:
+    assert isinstance(_load_bytes(scratch, kind, encoded(valid_docs[kind]))(), LOADERS[kind][2])
 
 
 # --- prompts file --------------------------------------------------------------------------------------
