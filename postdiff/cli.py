@@ -220,7 +220,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
     device itself; --backend tensorrt-rtx (RTX GPUs) builds anywhere, even without a GPU, for the
     compute capability --sm names (75, 80, 86, 89, 120, 121)."""
     from postdiff.profiles.presets import resolve_schedule
-    from postdiff.runtime.compile import CompileOptions, compile_bundle
+    from postdiff.tools.compile import CompileOptions, compile_bundle
 
     options = CompileOptions(bundle=Path(args.bundle), backend=args.backend, sm=args.sm,
                              schedules=tuple(resolve_schedule(s) for s in args.schedule or ()), unet=args.unet,

@@ -1,21 +1,25 @@
 """TensorRT engines beside a bundle: ``BUNDLE/engines/engines.json`` and what it promises.
 
-``postdiff compile`` (runtime/compile.py) writes one engine per graph it builds and lists each in
+``postdiff compile`` (tools/compile.py) writes one engine per graph it builds and lists each in
 ``engines.json``: file, bytes, sha256, the graph it was built from, the concrete UNet variants it
 serves, its optimization profiles, and the cache key of the build. The key covers everything that
 makes an engine valid — graph sha256, profiles, precision, backend and its version, target compute
 capability and builder options — so an unchanged key means the engine on disk is reused, and a
-changed one means it is rebuilt. The TensorRT runner reads nothing else to find its engines.
+changed one means it is rebuilt. The TensorRT runner reads nothing else to find its engines. Also here:
+what both the compiler and the runner need to reach TensorRT and the GPU (import_backend,
+gpu_compute_capability).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
-from postdiff.errors import BundleError
+from postdiff.errors import BundleError, InputError, PostdiffError
 from postdiff.runtime.jsonio import load_versioned, to_dict
 from postdiff.runtime.manifest import Manifest, sha256_file
 
@@ -119,3 +123,52 @@ def load_engines(bundle: Path, manifest: Manifest | None = None) -> EnginesIndex
             raise BundleError(f"engine {name} was built from another {entry.graph} than the bundle's; "
                               f"run `postdiff compile {bundle}` again")
     return index
+
+
+class BackendMissing(PostdiffError):
+    """The TensorRT Python package of the chosen backend is not installed."""
+
+
+class NoGpu(PostdiffError):
+    """The operation needs a CUDA GPU and this machine has none (or no driver)."""
+
+
+def import_backend(backend: str) -> ModuleType:
+    """The TensorRT module of ``backend``.
+
+    Raises:
+        InputError: an unknown backend.
+        BackendMissing: its package is not installed (the message names the install).
+    """
+    if backend not in BACKENDS:
+        raise InputError(f"--backend '{backend}' is not one of {sorted(BACKENDS)}")
+    try:
+        return importlib.import_module(BACKENDS[backend])
+    except ImportError:
+        install = ("pip install 'postdiff[tensorrt-rtx]' (TensorRT-RTX, RTX GPUs; builds anywhere)"
+                   if backend == "tensorrt-rtx" else
+                   "JetPack's TensorRT on Jetson (python3-libnvinfer), or `pip install tensorrt` on an x86 "
+                   "machine with a GPU")
+        raise BackendMissing(f"backend '{backend}' needs the Python module {BACKENDS[backend]}, which is not "
+                             f"installed; install it with {install}") from None
+
+
+def gpu_compute_capability() -> int:
+    """Compute capability of CUDA device 0 as an int (e.g. 87 for Jetson Orin), via cuda-python.
+
+    Raises:
+        NoGpu: no cuda-python, no driver or no device.
+    """
+    try:
+        from cuda import cudart
+    except ImportError:
+        raise NoGpu("no CUDA device access: the cuda-python package is missing; install it with "
+                    "pip install 'postdiff[tensorrt]'") from None
+    try:
+        err, count = cudart.cudaGetDeviceCount()
+    except RuntimeError as exc:  # cuda-python cannot load libcuda: no driver
+        raise NoGpu(f"no CUDA GPU on this machine ({exc}); run this on the device") from None
+    if int(err) != 0 or count == 0:
+        raise NoGpu("no CUDA GPU on this machine (cudaGetDeviceCount found none); run this on the device")
+    err, props = cudart.cudaGetDeviceProperties(0)
+    return int(props.major) * 10 + int(props.minor)

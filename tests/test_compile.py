@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from postdiff.cli import main
-from postdiff.runtime import compile as compile_module
-from postdiff.runtime.compile import BackendMissing, CompileOptions, compile_bundle, import_backend, target_of
+from postdiff.tools import compile as compile_module
+from postdiff.runtime.engines import BackendMissing, import_backend
+from postdiff.tools.compile import CompileOptions, compile_bundle, target_of
 from postdiff.runtime.engines import load_engines
 from postdiff.errors import BundleError, InputError
 from postdiff.runtime.executor import resolve_graphs

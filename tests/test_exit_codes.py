@@ -151,7 +151,7 @@ INTERRUPT_AT = {
     "export": ("postdiff.exporter.export", "measure_parity"),
     "generate": ("postdiff.runtime.pipeline.Pipeline", "generate"),
     "verify": ("postdiff.runtime.stamp", "verify_bundle"),
-    "compile": ("postdiff.runtime.compile", "compile_bundle"),
+    "compile": ("postdiff.tools.compile", "compile_bundle"),
     "check": ("postdiff.tools.check", "check_bundle"),
     "schedule": ("postdiff.profiles.schedule_builder", "build_schedule"),
     "bench": ("postdiff.tools.bench", "bench"),

@@ -41,6 +41,21 @@ def test_bench_without_diffusers_runs_without_importing_torch(tiny_bundle: Path)
     assert "LEAKED []" in result.stdout and "runtime:fewer-steps" in result.stdout
 
 
+def test_compile_runs_without_importing_torch(tiny_bundle: Path) -> None:
+    """`postdiff compile` is a build tool (tools/compile.py), but it runs on the device (a Jetson builds
+    its own engines): it must not need torch either. --sm 1 stops it after the bundle, the schedule and
+    the TensorRT module are loaded, before any build."""
+    result = subprocess.run(
+        [sys.executable, "-c", CHECK.format(forbidden=FORBIDDEN) .replace("sys.exit(code)",
+         "print('COMPILER', 'postdiff.tools.compile' in sys.modules)\nsys.exit(code)"),
+         "compile", str(tiny_bundle), "--backend", "tensorrt-rtx", "--sm", "1", "--schedule", "postdiff-sd15",
+         "--quiet"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "LEAKED []" in result.stdout and "COMPILER True" in result.stdout, result.stdout
+
+
 def test_every_runtime_module_imports_without_torch() -> None:
     runtime = Path(__file__).resolve().parents[1] / "runtime"
     modules = sorted(

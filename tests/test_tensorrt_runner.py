@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from postdiff.cli import main
-from postdiff.runtime.compile import NoGpu, gpu_compute_capability
+from postdiff.runtime.engines import NoGpu, gpu_compute_capability
 
 
 def _has_gpu() -> bool:

@@ -53,7 +53,7 @@ class CheckReport:
 
 def require_gpu(provider: str) -> None:
     """Stop with one clear line (NoGpu, exit 2) when this machine has no CUDA GPU."""
-    from postdiff.runtime.compile import gpu_compute_capability
+    from postdiff.runtime.engines import gpu_compute_capability
 
     if provider not in PROVIDERS:
         raise InputError(f"--provider '{provider}' is not one of {list(PROVIDERS)}")

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from postdiff.runtime.compile import BackendMissing, NoGpu, gpu_compute_capability, import_backend
+from postdiff.runtime.engines import BackendMissing, NoGpu, gpu_compute_capability, import_backend
 from postdiff.runtime.engines import ENGINES_DIR, EnginesIndex
 from postdiff.errors import BundleError, InputError
 from postdiff.runtime.manifest import GraphSpec

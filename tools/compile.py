@@ -1,6 +1,8 @@
 """`postdiff compile`: TensorRT engines for the graphs a bundle's schedules run.
 
-Engines land in ``BUNDLE/engines/`` and are listed in ``engines.json`` (runtime/engines.py). The UNet
+A build tool, not part of the device's generate path: it lives in tools/ but imports no torch, so a
+Jetson runs it with the runtime-only install plus TensorRT. Engines land in ``BUNDLE/engines/`` and are
+listed in ``engines.json`` (runtime/engines.py, which the TensorRT runner reads). The UNet
 is built from the merged graph (``export --merged``) as one engine: its cache roles are ``If``
 branches and every (resolution, batch) the schedules use is one optimization profile, so the engine
 holds the UNet weights once (docs/tensorrt.md). ``--unet variants`` builds one engine per
@@ -13,7 +15,6 @@ Torch-free; imports TensorRT (``tensorrt``) or TensorRT-RTX (``tensorrt_rtx``) o
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 from collections.abc import Iterable
@@ -24,9 +25,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from postdiff.runtime.engines import (BACKENDS, ENGINES_DIR, ENGINES_JSON, FORMAT_VERSION, EngineEntry, EnginesIndex,
-                                      Profile, ShapeRange, cache_key, load_engines, manifest_sha256)
-from postdiff.errors import BundleError, InputError, PostdiffError
+from postdiff.errors import BundleError, InputError
+from postdiff.runtime.engines import (ENGINES_DIR, ENGINES_JSON, FORMAT_VERSION, BackendMissing, EngineEntry,
+                                      EnginesIndex, NoGpu, Profile, ShapeRange, cache_key, gpu_compute_capability,
+                                      import_backend, load_engines, manifest_sha256)
 from postdiff.runtime.executor import concrete
 from postdiff.runtime.jsonio import dumps, write_json_atomic
 from postdiff.runtime.manifest import DYNAMIC, GraphSpec, Manifest, ServedVariant, UNetVariant, load_manifest
@@ -35,14 +37,6 @@ from postdiff.runtime.schedule import Schedule, graph_variants
 
 RTX_TARGETS = (75, 80, 86, 89, 120, 121)  # TensorRT-RTX 1.x ComputeCapability.SM*
 UNET_DESIGNS = ("auto", "merged", "variants")
-
-
-class BackendMissing(PostdiffError):
-    """The TensorRT Python package of the chosen backend is not installed."""
-
-
-class NoGpu(PostdiffError):
-    """The operation needs a CUDA GPU and this machine has none (or no driver)."""
 
 
 @dataclass(frozen=True)
@@ -74,47 +68,6 @@ class CompileReport:
     index: EnginesIndex
     built: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
-
-
-def import_backend(backend: str) -> ModuleType:
-    """The TensorRT module of ``backend``.
-
-    Raises:
-        InputError: an unknown backend.
-        BackendMissing: its package is not installed (the message names the install).
-    """
-    if backend not in BACKENDS:
-        raise InputError(f"--backend '{backend}' is not one of {sorted(BACKENDS)}")
-    try:
-        return importlib.import_module(BACKENDS[backend])
-    except ImportError:
-        install = ("pip install 'postdiff[tensorrt-rtx]' (TensorRT-RTX, RTX GPUs; builds anywhere)"
-                   if backend == "tensorrt-rtx" else
-                   "JetPack's TensorRT on Jetson (python3-libnvinfer), or `pip install tensorrt` on an x86 "
-                   "machine with a GPU")
-        raise BackendMissing(f"backend '{backend}' needs the Python module {BACKENDS[backend]}, which is not "
-                             f"installed; install it with {install}") from None
-
-
-def gpu_compute_capability() -> int:
-    """Compute capability of CUDA device 0 as an int (e.g. 87 for Jetson Orin), via cuda-python.
-
-    Raises:
-        NoGpu: no cuda-python, no driver or no device.
-    """
-    try:
-        from cuda import cudart
-    except ImportError:
-        raise NoGpu("no CUDA device access: the cuda-python package is missing; install it with "
-                    "pip install 'postdiff[tensorrt]'") from None
-    try:
-        err, count = cudart.cudaGetDeviceCount()
-    except RuntimeError as exc:  # cuda-python cannot load libcuda: no driver
-        raise NoGpu(f"no CUDA GPU on this machine ({exc}); run this on the device") from None
-    if int(err) != 0 or count == 0:
-        raise NoGpu("no CUDA GPU on this machine (cudaGetDeviceCount found none); run this on the device")
-    err, props = cudart.cudaGetDeviceProperties(0)
-    return int(props.major) * 10 + int(props.minor)
 
 
 def target_of(options: CompileOptions) -> int:
