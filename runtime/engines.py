@@ -2,8 +2,8 @@
 
 ``postdiff compile`` (tools/compile.py) writes one engine per graph it builds and lists each in
 ``engines.json``: file, bytes, sha256, the graph it was built from, the concrete UNet variants it
-serves, its optimization profiles, and the cache key of the build. The key covers everything that
-makes an engine valid — graph sha256, profiles, precision, backend and its version, target compute
+serves, its optimization profiles, and the cache key of the build (tools/compile.py: cache_key). The key
+covers everything that makes an engine valid — graph sha256, profiles, precision, backend and its version, target compute
 capability and builder options — so an unchanged key means the engine on disk is reused, and a
 changed one means it is rebuilt. The TensorRT runner reads nothing else to find its engines. Also here:
 what both the compiler and the runner need to reach TensorRT and the GPU (import_backend,
@@ -12,15 +12,13 @@ gpu_compute_capability).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from postdiff.errors import BundleError, InputError, PostdiffError
-from postdiff.runtime.jsonio import load_versioned, to_dict
+from postdiff.runtime.jsonio import load_versioned
 from postdiff.runtime.manifest import Manifest, sha256_file
 
 FORMAT_VERSION = 1
@@ -81,14 +79,6 @@ class EnginesIndex:
             if entry.graph == graph or graph in entry.serves:
                 return name
         return None
-
-
-def cache_key(graph_sha256: str, profiles: tuple[Profile, ...], precision: str, backend: str, version: str,
-              target: str, builder: dict[str, str]) -> str:
-    """The build's identity: sha256 over everything that makes an engine valid (module docstring)."""
-    payload = {"graph_sha256": graph_sha256, "profiles": to_dict(profiles), "precision": precision,
-               "backend": backend, "backend_version": version, "target": target, "builder": builder}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def manifest_sha256(bundle: Path) -> str:

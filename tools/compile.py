@@ -15,7 +15,8 @@ Torch-free; imports TensorRT (``tensorrt``) or TensorRT-RTX (``tensorrt_rtx``) o
 
 from __future__ import annotations
 
-import os
+import hashlib
+import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,11 +27,12 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from postdiff.errors import BundleError, InputError
+from postdiff.files import atomic_path
 from postdiff.runtime.engines import (ENGINES_DIR, ENGINES_JSON, FORMAT_VERSION, BackendMissing, EngineEntry,
-                                      EnginesIndex, NoGpu, Profile, ShapeRange, cache_key, gpu_compute_capability,
+                                      EnginesIndex, NoGpu, Profile, ShapeRange, gpu_compute_capability,
                                       import_backend, load_engines, manifest_sha256)
 from postdiff.runtime.executor import concrete
-from postdiff.runtime.jsonio import dumps, write_json_atomic
+from postdiff.runtime.jsonio import dumps, to_dict, write_json_atomic
 from postdiff.runtime.manifest import DYNAMIC, GraphSpec, Manifest, ServedVariant, UNetVariant, load_manifest
 from postdiff.runtime.names import TEXT_ENCODER, VAE_DECODER, unet_graph_name
 from postdiff.runtime.schedule import Schedule, graph_variants
@@ -68,6 +70,14 @@ class CompileReport:
     index: EnginesIndex
     built: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+
+
+def cache_key(graph_sha256: str, profiles: tuple[Profile, ...], precision: str, backend: str, version: str,
+              target: str, builder: dict[str, str]) -> str:
+    """The build's identity: sha256 over everything that makes an engine valid (module docstring)."""
+    payload = {"graph_sha256": graph_sha256, "profiles": to_dict(profiles), "precision": precision,
+               "backend": backend, "backend_version": version, "target": target, "builder": builder}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def target_of(options: CompileOptions) -> int:
@@ -199,7 +209,8 @@ def compile_bundle(options: CompileOptions, progress: bool = True) -> CompileRep
         file = f"{plan.name}.{key[:12]}.engine"
         started = time.perf_counter()
         blob = _build(trt, options.backend, sm, bundle / spec.file, plan, builder_options, progress)
-        _write_atomic(folder / file, blob)
+        with atomic_path(folder / file) as tmp:
+            tmp.write_bytes(memoryview(blob))
         index.engines[plan.name] = EngineEntry(
             file=file, bytes=memoryview(blob).nbytes, sha256=_sha256(blob), graph=plan.graph, graph_sha256=spec.sha256,
             serves=plan.serves, profiles=plan.profiles, precision=spec.precision, builder=builder_options, key=key,
@@ -224,20 +235,7 @@ def _previous(bundle: Path, manifest: Manifest) -> dict[str, EngineEntry]:
 
 
 def _sha256(blob: Any) -> str:
-    import hashlib
-
     return hashlib.sha256(memoryview(blob)).hexdigest()
-
-
-def _write_atomic(path: Path, blob: Any) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(memoryview(blob))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _build(trt: ModuleType, backend: str, sm: int, onnx_path: Path, plan: EnginePlan, builder_options: dict[str, str],
