@@ -2,12 +2,12 @@
 
 ``postdiff compile`` (tools/compile.py) writes one engine per graph it builds and lists each in
 ``engines.json``: file, bytes, sha256, the graph it was built from, the concrete UNet variants it
-serves, its optimization profiles, and the cache key of the build (tools/compile.py: cache_key). The key
-covers everything that makes an engine valid — graph sha256, profiles, precision, backend and its version, target compute
-capability and builder options — so an unchanged key means the engine on disk is reused, and a
-changed one means it is rebuilt. The TensorRT runner reads nothing else to find its engines. Also here:
-what both the compiler and the runner need to reach TensorRT and the GPU (import_backend,
-gpu_compute_capability).
+serves, its optimization profiles, and the cache key of the build (tools/compile.py, cache_key). The
+key covers everything that makes an engine valid — graph sha256, profiles, precision, backend and its
+version, target compute capability and builder options — so an unchanged key means the engine on disk
+is reused, and a changed one means it is rebuilt. The TensorRT runner reads nothing else to find its
+engines. Also here: what both the compiler and the runner need to reach TensorRT and the GPU
+(import_backend, gpu_compute_capability).
 """
 
 from __future__ import annotations
