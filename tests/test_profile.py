@@ -150,7 +150,7 @@ def test_cli_writes_a_profile_without_torch(tiny_postdiff_bundle: Path, tmp_path
 
 # Committed profiles measured on bundles whose graph names predate format 2's cache-role names; each
 # must be re-measured on its bundle (README) and then leave this set (the xfail is strict).
-STALE = {"cpu-2core-sd15-256.json", "cpu-2core-digits.json", "cpu-2core-tiny-sd.json"}
+STALE = {"cpu-2core-sd15-256.json", "cpu-2core-tiny-sd.json"}
 UNET_NAME = re.compile(r"unet-(\d+)x(\d+)-b([12])(?:-deep(\d+)-(write|read))?(?:-xattn-(write|read))?")
 
 
