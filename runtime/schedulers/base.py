@@ -437,6 +437,13 @@ def check_same_shape(a: np.ndarray, a_name: str, b: np.ndarray, b_name: str) -> 
         )
 
 
+def f32_pair(a: Any, a_name: str, b: Any, b_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Two array arguments (e.g. model output and sample) as float32 arrays of one shape."""
+    a, b = as_f32(a, a_name), as_f32(b, b_name)
+    check_same_shape(a, a_name, b, b_name)
+    return a, b
+
+
 def timestep_scalar(timestep: Any) -> np.generic:
     """``timestep`` as a numpy scalar (int or float), or InputError."""
     arr = np.asarray(timestep)
@@ -571,6 +578,12 @@ class Scheduler(ABC):
                 "call set_timesteps(num_inference_steps) first"
             )
 
+    def _arrays(self, what: str, a: Any, a_name: str, b: Any, b_name: str) -> tuple[np.ndarray, np.ndarray]:
+        """The two array arguments of ``what`` (``step``, ``predict_x0``, ``add_noise``) as float32 arrays
+        of one shape, once ``set_timesteps`` has run (InputError naming the argument otherwise)."""
+        self._require_timesteps(what)
+        return f32_pair(a, a_name, b, b_name)
+
     def index_for_timestep(self, timestep: Any) -> int:
         """Position of ``timestep`` in ``timesteps`` (see the class docstring)."""
         value = timestep_scalar(timestep)
@@ -608,9 +621,7 @@ class Scheduler(ABC):
 def vp_add_noise(abar_t: np.float32, x0: np.ndarray, noise: np.ndarray) -> np.ndarray:
     """q(x_t | x0) sample of a variance-preserving schedule at cumulative alpha ``abar_t``:
     sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (DDPM eq. 4), in float32."""
-    x0 = as_f32(x0, "x0")
-    noise = as_f32(noise, "noise")
-    check_same_shape(x0, "x0", noise, "noise")
+    x0, noise = f32_pair(x0, "x0", noise, "noise")
     return (np.sqrt(abar_t) * x0 + np.sqrt(F32_ONE - abar_t) * noise).astype(np.float32, copy=False)
 
 
@@ -698,10 +709,7 @@ class MultistepScheduler(Scheduler):
         """The checks every step starts with: (model_output, sample) as float32 of one shape, and the
         step's index. A step that is not the one after the previous forgets the history (reset); a
         sample of another shape than the history's (a resolution switch without reset) is refused."""
-        self._require_timesteps("step")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
+        model_output, sample = self._arrays("step", model_output, "model_output", sample, "sample")
         index = self.index_for_timestep(timestep)
         if self._last_index is not None and self._last_index != index - 1:
             self.reset()  # the stored outputs are not the previous steps': behave like a fresh solver
@@ -723,10 +731,7 @@ class MultistepScheduler(Scheduler):
 
     def predict_x0(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
         """x0 at ``timestep`` (one of ``timesteps``), with alpha_t, sigma_t from the step's sigma."""
-        self._require_timesteps("predict_x0")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
+        model_output, sample = self._arrays("predict_x0", model_output, "model_output", sample, "sample")
         x0 = self._x0(model_output, self.index_for_timestep(timestep), sample)
         return x0.astype(np.float32, copy=False)
 
@@ -734,9 +739,6 @@ class MultistepScheduler(Scheduler):
         """alpha_t x0 + sigma_t noise at ``timestep`` (one of ``timesteps``), with alpha_t, sigma_t
         from the step's sigma as diffusers' add_noise does; equal to
         sqrt(abar_t) x0 + sqrt(1 - abar_t) noise up to float32 rounding."""
-        self._require_timesteps("add_noise")
-        x0 = as_f32(x0, "x0")
-        noise = as_f32(noise, "noise")
-        check_same_shape(x0, "x0", noise, "noise")
+        x0, noise = self._arrays("add_noise", x0, "x0", noise, "noise")
         alpha_t, sigma_t = self._alpha_sigma(self.sigmas[self.index_for_timestep(timestep)])
         return (alpha_t * x0 + sigma_t * noise).astype(np.float32, copy=False)

@@ -20,8 +20,7 @@ from postdiff.runtime.schedulers.base import (vp_add_noise,
     COMMON_DEFAULTS,
     F32_ONE,
     Scheduler,
-    as_f32,
-    check_same_shape,
+    f32_pair,
     show,
     timestep_scalar,
 )
@@ -102,10 +101,7 @@ class DDIMScheduler(Scheduler):
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
         """One DDIM step from ``timestep`` to ``timestep - T // n`` (DDIM eq. 12 with sigma_t = 0)."""
-        self._require_timesteps("step")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
+        model_output, sample = self._arrays("step", model_output, "model_output", sample, "sample")
         t = self._train_timestep(timestep)
         # As diffusers does, the previous timestep is t - T // n whatever the spacing.
         t_prev = t - self.num_train_timesteps // self.num_inference_steps
@@ -117,9 +113,7 @@ class DDIMScheduler(Scheduler):
 
     def predict_x0(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
         """x0 as DDIM's step uses it (clipped when ``clip_sample``); any training timestep."""
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
+        model_output, sample = f32_pair(model_output, "model_output", sample, "sample")
         x0, _ = self._x0_and_eps(model_output, self._train_timestep(timestep), sample)
         return x0.astype(np.float32, copy=False)
 

@@ -24,7 +24,6 @@ from postdiff.runtime.schedulers.base import (
     F32_ONE,
     Scheduler,
     as_f32,
-    check_same_shape,
     karras_sigmas,
     sigma_to_t,
     sigmas_at,
@@ -121,10 +120,7 @@ class EulerDiscreteScheduler(Scheduler):
         """One Euler step of the ODE dx/dsigma = (x - x0) / sigma (Karras et al., sigma(t) = t;
         their algorithm 1 without the second-order correction, no churn):
         x_next = x + (x - x0) / sigma * (sigma_next - sigma)."""
-        self._require_timesteps("step")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
+        model_output, sample = self._arrays("step", model_output, "model_output", sample, "sample")
         index = self.index_for_timestep(timestep)
         sigma = self.sigmas[index]
         x0 = self._x0(model_output, sigma, sample)
@@ -136,18 +132,12 @@ class EulerDiscreteScheduler(Scheduler):
     def predict_x0(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
         """x0 as the step at ``timestep`` (one of ``timesteps``) computes it; ``sample`` is the
         unscaled (VE-space) sample."""
-        self._require_timesteps("predict_x0")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
+        model_output, sample = self._arrays("predict_x0", model_output, "model_output", sample, "sample")
         sigma = self.sigmas[self.index_for_timestep(timestep)]
         return np.array(self._x0(model_output, sigma, sample), dtype=np.float32)
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, timestep: Any) -> np.ndarray:
         """x0 + sigma_t noise at ``timestep`` (one of ``timesteps``): Euler's VE sample space."""
-        self._require_timesteps("add_noise")
-        x0 = as_f32(x0, "x0")
-        noise = as_f32(noise, "noise")
-        check_same_shape(x0, "x0", noise, "noise")
+        x0, noise = self._arrays("add_noise", x0, "x0", noise, "noise")
         sigma = self.sigmas[self.index_for_timestep(timestep)]
         return (x0 + noise * sigma).astype(np.float32, copy=False)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from postdiff.runtime.schedulers.base import COMMON_DEFAULTS, as_f32, check_same_shape
+from postdiff.runtime.schedulers.base import COMMON_DEFAULTS
 from postdiff.runtime.schedulers.euler import EulerDiscreteScheduler
 
 
@@ -43,10 +43,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
         """x_next = x + (x - x0) / sigma (sigma_down - sigma) + sigma_up z, z ~ N(0, I) from
         ``noise(index, shape)``."""
-        self._require_timesteps("step")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
+        model_output, sample = self._arrays("step", model_output, "model_output", sample, "sample")
         index = self.index_for_timestep(timestep)
         sigma = self.sigmas[index]
         sigma_next = self.sigmas[index + 1]

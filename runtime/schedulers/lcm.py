@@ -26,8 +26,7 @@ from postdiff.runtime.schedulers.base import (vp_add_noise,
     COMMON_DEFAULTS,
     F32_ONE,
     Scheduler,
-    as_f32,
-    check_same_shape,
+    f32_pair,
     show,
     timestep_scalar,
 )
@@ -125,10 +124,7 @@ class LCMScheduler(Scheduler):
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
         """One consistency step: f(x, t), re-noised to the next timestep unless this is the last."""
-        self._require_timesteps("step")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
+        model_output, sample = self._arrays("step", model_output, "model_output", sample, "sample")
         index = self.index_for_timestep(timestep)
         t = self._train_timestep(timestep)
         denoised = self._denoised(model_output, t, sample)
@@ -143,9 +139,7 @@ class LCMScheduler(Scheduler):
     def predict_x0(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
         """The consistency function's output f(x, t): the clean sample the step at ``timestep``
         re-noises (any training timestep)."""
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
+        model_output, sample = f32_pair(model_output, "model_output", sample, "sample")
         return self._denoised(model_output, self._train_timestep(timestep), sample).astype(np.float32, copy=False)
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, timestep: Any) -> np.ndarray:

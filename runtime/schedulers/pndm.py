@@ -30,8 +30,7 @@ from postdiff.runtime.schedulers.base import (vp_add_noise,
     COMMON_DEFAULTS,
     F32_ONE,
     Scheduler,
-    as_f32,
-    check_same_shape,
+    f32_pair,
     show,
     timestep_scalar,
     unsupported,
@@ -136,10 +135,7 @@ class PNDMScheduler(Scheduler):
 
     def step(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
         """One PLMS step from ``timestep`` (see the module docstring for the warm-up)."""
-        self._require_timesteps("step")
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
+        model_output, sample = self._arrays("step", model_output, "model_output", sample, "sample")
         if self._ets and self._ets[-1].shape != sample.shape:
             raise InputError(
                 f"pndm step got a sample of shape {list(sample.shape)} but its history holds shape "
@@ -184,9 +180,7 @@ class PNDMScheduler(Scheduler):
 
     def predict_x0(self, model_output: np.ndarray, timestep: Any, sample: np.ndarray) -> np.ndarray:
         """x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) (v: sqrt(abar_t) x_t - sqrt(1 - abar_t) v)."""
-        model_output = as_f32(model_output, "model_output")
-        sample = as_f32(sample, "sample")
-        check_same_shape(model_output, "model_output", sample, "sample")
+        model_output, sample = f32_pair(model_output, "model_output", sample, "sample")
         return self._x0_eps(model_output, self._train_timestep(timestep), sample).astype(np.float32, copy=False)
 
     def add_noise(self, x0: np.ndarray, noise: np.ndarray, timestep: Any) -> np.ndarray:
