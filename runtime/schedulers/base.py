@@ -599,6 +599,17 @@ class Scheduler(ABC):
         # A repeated value, no expectation: diffusers starts at the second occurrence.
         return int(matches[1] if matches.size > 1 else matches[0])
 
+    def _train_timestep(self, timestep: Any) -> int:
+        """``timestep`` as a training timestep (an integer in [0, num_train_timesteps)), for the samplers
+        that take any training timestep, not only one of ``timesteps`` (DDIM, PNDM, LCM)."""
+        value = timestep_scalar(timestep)
+        if float(value) != int(value) or not 0 <= int(value) < self.num_train_timesteps:
+            raise InputError(
+                f"timestep {show(value)} is not an integer in [0, {self.num_train_timesteps - 1}]; "
+                f"expected a {self.name} timestep; pass scheduler.timesteps[i]"
+            )
+        return int(value)
+
     # -- sampling ------------------------------------------------------------------------------
 
     def scale_model_input(self, sample: np.ndarray, timestep: Any) -> np.ndarray:

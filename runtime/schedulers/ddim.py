@@ -15,14 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from postdiff.errors import InputError
-from postdiff.runtime.schedulers.base import (vp_add_noise, 
+from postdiff.runtime.schedulers.base import (
     COMMON_DEFAULTS,
     F32_ONE,
     Scheduler,
     f32_pair,
-    show,
-    timestep_scalar,
+    vp_add_noise,
 )
 
 
@@ -65,15 +63,6 @@ class DDIMScheduler(Scheduler):
         return np.round(np.arange(big_t, 0, -ratio)).astype(np.int64) - 1
 
     # -- helpers -------------------------------------------------------------------------------
-
-    def _train_timestep(self, timestep: Any) -> int:
-        value = timestep_scalar(timestep)
-        if float(value) != int(value) or not 0 <= int(value) < self.num_train_timesteps:
-            raise InputError(
-                f"timestep {show(value)} is not an integer in [0, {self.num_train_timesteps - 1}]; "
-                "expected a DDIM timestep; pass scheduler.timesteps[i]"
-            )
-        return int(value)
 
     def _x0_and_eps(self, model_output: np.ndarray, t: int, sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """DDIM eq. 12's "predicted x0" and the matching epsilon, per prediction type."""

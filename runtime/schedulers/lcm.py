@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 
 from postdiff.errors import InputError
-from postdiff.runtime.schedulers.base import (vp_add_noise, 
+from postdiff.runtime.schedulers.base import (
     COMMON_DEFAULTS,
     F32_ONE,
     Scheduler,
     f32_pair,
-    show,
-    timestep_scalar,
+    vp_add_noise,
 )
 
 SIGMA_DATA = np.float32(0.5)
@@ -86,15 +85,6 @@ class LCMScheduler(Scheduler):
         return origin[picks].astype(np.int64)
 
     # -- formulas ------------------------------------------------------------------------------
-
-    def _train_timestep(self, timestep: Any) -> int:
-        value = timestep_scalar(timestep)
-        if float(value) != int(value) or not 0 <= int(value) < self.num_train_timesteps:
-            raise InputError(
-                f"timestep {show(value)} is not an integer in [0, {self.num_train_timesteps - 1}]; "
-                "expected an lcm timestep; pass scheduler.timesteps[i]"
-            )
-        return int(value)
 
     def _scalings(self, t: int) -> tuple[np.float32, np.float32]:
         """(c_skip, c_out) of the consistency parameterisation at t (LCM eq. 9, s = 0.5)."""

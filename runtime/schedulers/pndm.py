@@ -26,14 +26,13 @@ from typing import Any
 import numpy as np
 
 from postdiff.errors import InputError
-from postdiff.runtime.schedulers.base import (vp_add_noise, 
+from postdiff.runtime.schedulers.base import (
     COMMON_DEFAULTS,
     F32_ONE,
     Scheduler,
     f32_pair,
-    show,
-    timestep_scalar,
     unsupported,
+    vp_add_noise,
 )
 
 F32_2, F32_3, F32_5, F32_9, F32_12 = (np.float32(v) for v in (2, 3, 5, 9, 12))
@@ -106,15 +105,6 @@ class PNDMScheduler(Scheduler):
         self._warm_up = True
 
     # -- formulas ------------------------------------------------------------------------------
-
-    def _train_timestep(self, timestep: Any) -> int:
-        value = timestep_scalar(timestep)
-        if float(value) != int(value) or not 0 <= int(value) < self.num_train_timesteps:
-            raise InputError(
-                f"timestep {show(value)} is not an integer in [0, {self.num_train_timesteps - 1}]; "
-                "expected a pndm timestep; pass scheduler.timesteps[i]"
-            )
-        return int(value)
 
     def _prev_sample(self, sample: np.ndarray, t: int, t_prev: int, eps: np.ndarray) -> np.ndarray:
         """PNDM eq. 11 (DDIM's transfer from t to t_prev for a given eps):
