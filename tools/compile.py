@@ -9,7 +9,7 @@ holds the UNet weights once (docs/tensorrt.md). ``--unet variants`` builds one e
 per-variant graph instead (each holding its own copy of the weights; for comparison).
 
 Builds are atomic (an engine is written to a temporary file and renamed; engines.json is rewritten
-after each engine) and cached: an engine whose key (runtime/engines.py) is unchanged is reused.
+after each engine) and cached: an engine whose key (:func:`cache_key`) is unchanged is reused.
 Torch-free; imports TensorRT (``tensorrt``) or TensorRT-RTX (``tensorrt_rtx``) only when called.
 """
 
@@ -28,9 +28,9 @@ from tqdm.auto import tqdm
 
 from postdiff.errors import BundleError, InputError
 from postdiff.files import atomic_path
-from postdiff.runtime.engines import (ENGINES_DIR, ENGINES_JSON, FORMAT_VERSION, BackendMissing, EngineEntry,
-                                      EnginesIndex, NoGpu, Profile, ShapeRange, gpu_compute_capability,
-                                      import_backend, load_engines, manifest_sha256)
+from postdiff.runtime.engines import (ENGINES_DIR, ENGINES_JSON, FORMAT_VERSION, EngineEntry, EnginesIndex, Profile,
+                                      ShapeRange, gpu_compute_capability, import_backend, load_engines,
+                                      manifest_sha256)
 from postdiff.runtime.executor import concrete
 from postdiff.runtime.jsonio import dumps, to_dict, write_json_atomic
 from postdiff.runtime.manifest import DYNAMIC, GraphSpec, Manifest, ServedVariant, UNetVariant, load_manifest
@@ -178,7 +178,7 @@ def compile_bundle(options: CompileOptions, progress: bool = True) -> CompileRep
     """Build (or reuse) every engine of the bundle's schedules; see the module docstring.
 
     Raises:
-        BundleError, InputError, BackendMissing, NoGpu: with the fix in the message.
+        BundleError, InputError, BackendMissing, NoGpu (runtime/engines.py): with the fix in the message.
     """
     bundle = Path(options.bundle)
     manifest = load_manifest(bundle)
