@@ -200,11 +200,17 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
     knobs, name, description = knobs_from_flags(
         preset=args.preset, steps=args.steps, low_res=args.low_res, deepcache_interval=args.deepcache_interval,
         deepcache_branch=args.deepcache_branch, deepcache_nonuniform=args.deepcache_nonuniform,
-        xattn_gate=args.xattn_gate, xattn_mode=args.xattn_mode, guidance_embedding=args.guidance_embedding)
+        xattn_gate=args.xattn_gate, xattn_mode=args.xattn_mode, guidance_embedding=args.guidance_embedding,
+        bf16=args.bf16)
     schedule = build_schedule(knobs, args.name or name, description)
     manifest = load_manifest(Path(args.bundle), verify=False) if args.bundle else None
+    if args.device and manifest is None:
+        raise InputError("--device needs --bundle (the bundle the device profile was measured on)")
     if args.explain:
-        print(format_table(schedule, manifest))
+        from postdiff.profiles.device import load_device_profile
+
+        profile = load_device_profile(Path(args.device)) if args.device else None
+        print(format_table(schedule, manifest, profile, run_precision=args.precision))
     if out is not None:
         write_json_atomic(out, schedule)
         print(f"wrote {out}")
@@ -305,7 +311,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     options = TuneOptions(bundle=Path(args.bundle), device=Path(args.device), out=Path(args.out),
                           budget_ms=args.budget_ms, speedup=args.speedup, calib=args.calib, workers=args.workers,
                           scheduler=args.scheduler, timing_runs=args.timing_runs, slack=args.slack,
-                          cache=Path(args.cache) if args.cache else None, ray=ray)
+                          cache=Path(args.cache) if args.cache else None, ray=ray,
+                          precision_space=args.precision_space)
     print(format_summary(tune(options, progress=not args.quiet)))
     return EXIT_OK
 
@@ -342,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     from postdiff.runtime.engines import BACKENDS
     from postdiff.runtime.executor import UNET_FORMS
     from postdiff.runtime.schedule import XATTN_MODES
+    from postdiff.profiles.schedule_builder import BF16_POLICIES
     from postdiff.runtime.schedulers import SCHEDULERS
     from postdiff.tools.bench import WEIGHT_MODES
 
@@ -479,6 +487,10 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--guidance-embedding", action="store_true",
                        help="no classifier-free guidance on any step: for models that take the guidance scale as "
                             "an embedding (LCM), which run one conditional evaluation per step")
+    sched.add_argument("--bf16", choices=BF16_POLICIES,
+                       help="steps pinned to bf16 (OpenVINO on a CPU with native bfloat16), the others to fp32: all, "
+                            "low-res (below full resolution), early (all but the last quarter), reads (DeepCache "
+                            "reads); default none: no step pinned")
     sched.add_argument("--name", help="schedule name (default: the preset's, or 'custom')")
     sched.add_argument("--out", metavar="SCHEDULE.json", help="file to write")
     sched.add_argument("--explain", action="store_true",
@@ -486,6 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "need --bundle")
     sched.add_argument("--bundle", help="bundle exported with this schedule: adds latent sizes, MACs per step and the "
                                         "predicted speed-up to --explain")
+    sched.add_argument("--device", metavar="DEVICE.json",
+                       help="device profile of --bundle: adds each evaluation's measured cost at its precision "
+                            "and the predicted latency to --explain")
+    sched.add_argument("--precision", default=AUTO_PRECISION, choices=RUNTIME_PRECISIONS,
+                       help="with --device: the run's --precision, which steps without their own run at "
+                            "(default auto: the precision the profile's main timings ran at)")
     sched.set_defaults(handler=_cmd_schedule)
 
     bench = sub.add_parser("bench", help=_cmd_bench.__doc__, description=_cmd_bench.__doc__)
@@ -556,6 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="sampler to tune for (default: the one the model ships)")
     tune.add_argument("--timing-runs", type=int, default=5, metavar="R",
                       help="timed generations per candidate for the measured latency (default: 5)")
+    tune.add_argument("--precision-space", action="store_true",
+                      help="add precision to the candidate space: bf16 on all, the low-resolution, the early or the "
+                           "DeepCache-read steps (needs an OpenVINO device profile with bf16 timings; generation "
+                           "runs on OpenVINO, fp32 where a step pins nothing)")
     tune.add_argument("--slack", type=float, default=0.5,
                       help="also measure cheaper-steps candidates predicted up to budget x (1 + SLACK) (default: 0.5)")
     tune.add_argument("--cache", metavar="PATH",

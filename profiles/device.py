@@ -23,6 +23,10 @@ Schema (all times in milliseconds, wall clock, warm-up calls excluded)::
       "switch": {"hxw->HxW": TIMING},                # resolution switch, every increasing size pair
       "step_after_graph": {"HxW": TIMING},           # the DDIM step again, each call right after a UNet
                                                      #   graph call at that size (cold caches; optional)
+      "precisions": {PRECISION: {"graphs": {NAME: TIMING}, "interleaved": {NAME: TIMING}}},
+                                                     # the UNet graphs again at each further precision the
+                                                     #   backend runs here (OpenVINO: bf16 and fp32), the
+                                                     #   main tables being at machine.precision (optional)
       "peak_rss_mb": 512.0,                          # peak resident set of the profiling process
       "peak_gpu_mb": null                            # peak GPU memory of the process, when measurable
     }
@@ -75,6 +79,15 @@ class Machine:
 
 
 @dataclass(frozen=True)
+class PrecisionTimings:
+    """The UNet graphs timed at one further inference precision (as ``graphs`` and ``interleaved``,
+    the round-robin over the UNet graphs at that precision)."""
+
+    graphs: dict[str, Timing]
+    interleaved: dict[str, Timing]
+
+
+@dataclass(frozen=True)
 class BundleRef:
     """Which bundle was profiled."""
 
@@ -105,6 +118,17 @@ class DeviceProfile:
     # On CPUs it costs more than in scheduler_step's tight loop: the graph's data has pushed the
     # runtime's out of the caches. Profiles written before it existed lack it (and predict without it).
     step_after_graph: dict[str, Timing] = field(default_factory=dict)
+    # The UNet graphs at every other precision the backend runs on this machine, by precision name
+    # (``graphs``/``interleaved`` are at ``machine.precision``). Profiles written before it lack it.
+    precisions: dict[str, PrecisionTimings] = field(default_factory=dict)
+
+    def tables(self, precision: str | None) -> tuple[dict[str, Timing], dict[str, Timing]] | None:
+        """(back-to-back, interleaved) timings of the UNet graphs at ``precision`` (None: the main
+        tables), or None when the profile has none at that precision."""
+        if precision is None or precision == self.machine.precision:
+            return self.graphs, self.interleaved
+        extra = self.precisions.get(precision)
+        return None if extra is None else (extra.graphs, extra.interleaved)
 
 
 def size_key(latent: tuple[int, int]) -> str:
@@ -159,6 +183,12 @@ def validate_device_profile(profile: DeviceProfile, where: str = "device profile
         if not _SIZE.match(size):
             raise InputError(f"{where}: step_after_graph key '{size}' is not HxW; {fix}")
         timings.append((f"step_after_graph.{size}", timing))
+    for precision, extra in profile.precisions.items():
+        if set(extra.interleaved) != set(extra.graphs) or not set(extra.graphs) <= set(profile.graphs):
+            raise InputError(f"{where}: precisions.{precision} must time the same graphs in graphs and interleaved, "
+                             f"all of them graphs of the bundle; {fix}")
+        timings += [(f"precisions.{precision}.graphs.{name}", t) for name, t in extra.graphs.items()]
+        timings += [(f"precisions.{precision}.interleaved.{name}", t) for name, t in extra.interleaved.items()]
     for pair, timing in profile.switch.items():
         if not _PAIR.match(pair):
             raise InputError(f"{where}: switch key '{pair}' is not hxw->HxW; {fix}")

@@ -18,7 +18,14 @@ import numpy as np
 
 from postdiff.errors import ScheduleError
 from postdiff.runtime.names import NONE, READ, WRITE
-from postdiff.runtime.schedule import FORMAT_VERSION, XATTN_MODES, Schedule, Step, validate
+from postdiff.runtime.schedule import AUTO_PRECISION, FORMAT_VERSION, XATTN_MODES, Schedule, Step, validate
+
+#: Where a schedule runs bf16 (``--bf16``); every other step is pinned to fp32 once any step is bf16.
+#: ``none``: no step pinned (each runs at the run's --precision); ``all``: every step; ``low-res``: the
+#: steps below full resolution (and the x̂0 evaluation of the switch, which belongs to them);
+#: ``early``: all but the last quarter of the steps (the final detail at fp32); ``reads``: the DeepCache
+#: read (shallow) steps.
+BF16_POLICIES = ("none", "all", "low-res", "early", "reads")
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class ScheduleKnobs:
     # False: no step runs classifier-free guidance (models that take the guidance scale as an
     # embedding, LCM: one conditional evaluation per step, batch 1)
     cfg: bool = True
+    bf16: str = "none"  # one of BF16_POLICIES: which steps run at bf16 (the others then pin fp32)
 
 
 def build_schedule(knobs: ScheduleKnobs, name: str, description: str = "") -> Schedule:
@@ -66,11 +74,20 @@ def build_schedule(knobs: ScheduleKnobs, name: str, description: str = "") -> Sc
             else:
                 deep = READ
         steps.append(Step(scale=scale, cfg=cfg, deep=deep, branch=knobs.deepcache_branch if deep != NONE else 0,
-                          xattn=xattn, switch=switch))
+                          xattn=xattn, switch=switch, precision=_precision(knobs, i, scale, deep)))
     schedule = Schedule(format_version=FORMAT_VERSION, name=name, steps=tuple(steps), xattn_mode=knobs.xattn_mode,
                         description=description)
     validate(schedule)
     return schedule
+
+
+def _precision(knobs: ScheduleKnobs, index: int, scale: float, deep: str) -> str:
+    """Step ``index``'s precision under ``knobs.bf16`` (see BF16_POLICIES)."""
+    if knobs.bf16 == "none":
+        return AUTO_PRECISION
+    low = {"all": True, "low-res": scale < 1.0, "early": index < knobs.steps - knobs.steps // 4,
+           "reads": deep == READ}[knobs.bf16]
+    return "bf16" if low else "fp32"
 
 
 def _refresh_steps(knobs: ScheduleKnobs) -> set[int] | None:
@@ -119,12 +136,15 @@ def _check_knobs(knobs: ScheduleKnobs) -> None:
                             "after it to read them")
     if knobs.xattn_mode not in XATTN_MODES:
         raise ScheduleError(f"--xattn-mode '{knobs.xattn_mode}' is not one of {list(XATTN_MODES)}")
+    if knobs.bf16 not in BF16_POLICIES:
+        raise ScheduleError(f"--bf16 '{knobs.bf16}' is not one of {list(BF16_POLICIES)}")
 
 
 def knobs_from_flags(preset: str | None = None, steps: int | None = None, low_res: list[str] | None = None,
                      deepcache_interval: int | None = None, deepcache_branch: int | None = None,
                      deepcache_nonuniform: str | None = None, xattn_gate: int | None = None,
-                     xattn_mode: str | None = None, guidance_embedding: bool = False) -> tuple[ScheduleKnobs, str, str]:
+                     xattn_mode: str | None = None, guidance_embedding: bool = False,
+                     bf16: str | None = None) -> tuple[ScheduleKnobs, str, str]:
     """Knobs from `postdiff schedule` flags, starting from ``preset``'s when given.
 
     Returns:
@@ -152,6 +172,8 @@ def knobs_from_flags(preset: str | None = None, steps: int | None = None, low_re
         changes["xattn_mode"] = xattn_mode
     if guidance_embedding and knobs.cfg:
         changes["cfg"] = False
+    if bf16 is not None and bf16 != knobs.bf16:
+        changes["bf16"] = bf16
     if changes:
         description = f"{preset} with {', '.join(f'{k}={v}' for k, v in changes.items())}" if preset else ""
     return replace(knobs, **changes), (preset if preset and not changes else "custom"), description

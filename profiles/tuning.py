@@ -36,6 +36,20 @@ mostly be near-duplicates; the space is instead "one knob at a time" around two 
 
 That is 7 + 11 + 12 + 12 = 42 candidates for T = 20.
 
+Precision (``candidates(..., precision=True)``, ``postdiff tune --precision-space``) is a fourth lever,
+off (``fp32``, every step at the run's precision, which the tuner sets to fp32) by default:
+
+    ============  =============================================================================
+    precision     fp32; bf16 on every step; bf16 below full resolution; bf16 on all but the last
+                  quarter of the steps; bf16 on the DeepCache reads (profiles.schedule_builder.BF16_POLICIES)
+    ============  =============================================================================
+
+It moves through its options around both anchors like the other levers (an option that pins no step
+to bf16 at that anchor -- low-res or reads where the anchor has none -- is left out), and bf16 on
+every step is also added to each fewer-steps T, so that the frontier can be compared with and without
+precision: 42 + 2 (baseline anchor: all, early) + 4 + 4 (paper at T = 20 and 15) + 6 (the other
+fewer-steps T at bf16; T = 20 at bf16 is the baseline anchor's) = 58 candidates for T = 20. Those candidates are ``cheaper steps`` (a lever is on).
+
 Models that take the guidance scale as an embedding (LCM) run no classifier-free guidance: their
 space is the same construction with ``cfg=False`` on every step and ``steps_full`` =
 :data:`LCM_STEPS_FULL` = 8, so the ``fewer steps`` family spans 2-8 steps and the ``cheaper steps``
@@ -91,11 +105,15 @@ DEEPCACHE: dict[str, tuple[int, int, tuple[int, float] | None]] = {
 XATTN: dict[str, tuple[int | None, str]] = {
     "none": (None, "cond"), "m5cond": (5, "cond"), "m10cond": (10, "cond"), "m5ave": (5, "ave"),
 }
-LEVERS = ("low_res", "deepcache", "xattn")
-OPTIONS: dict[str, Mapping[str, object]] = {"low_res": LOW_RES, "deepcache": DEEPCACHE, "xattn": XATTN}
-OFF = {"low_res": "none", "deepcache": "off", "xattn": "none"}
+# precision: the steps pinned to bf16 (profiles.schedule_builder.BF16_POLICIES; "fp32" = "none": none)
+PRECISION: dict[str, str] = {"fp32": "none", "bf16": "all", "bf16-lowres": "low-res", "bf16-early": "early",
+                             "bf16-reads": "reads"}
+LEVERS = ("low_res", "deepcache", "xattn", "precision")
+OPTIONS: dict[str, Mapping[str, object]] = {"low_res": LOW_RES, "deepcache": DEEPCACHE, "xattn": XATTN,
+                                            "precision": PRECISION}
+OFF = {"low_res": "none", "deepcache": "off", "xattn": "none", "precision": "fp32"}
 #: The paper's SD 1.5 setting (DESIGN §1), the second anchor of the space.
-PAPER = {"low_res": "0.5:10", "deepcache": "k2b1", "xattn": "m5cond"}
+PAPER = {"low_res": "0.5:10", "deepcache": "k2b1", "xattn": "m5cond", "precision": "fp32"}
 #: How much faster an extra lever must make a schedule to be worth its approximation.
 MIN_GAIN = 0.02
 
@@ -129,7 +147,8 @@ def _knobs(steps: int, levers: Mapping[str, str], cfg: bool = True) -> ScheduleK
     gate, mode = XATTN[levers["xattn"]]
     return ScheduleKnobs(steps=steps, low_res=low, deepcache_interval=interval, deepcache_branch=branch,
                          deepcache_nonuniform=nonuniform,
-                         xattn_gate=None if gate is None else _scaled(gate, steps), xattn_mode=mode, cfg=cfg)
+                         xattn_gate=None if gate is None else _scaled(gate, steps), xattn_mode=mode, cfg=cfg,
+                         bf16=PRECISION[levers.get("precision", "fp32")])
 
 
 def _name(knobs: ScheduleKnobs) -> str:
@@ -143,12 +162,15 @@ def _name(knobs: ScheduleKnobs) -> str:
                      + (f"nu{nonuniform[0]},{nonuniform[1]:g}" if nonuniform else ""))
     if knobs.xattn_gate is not None:
         parts.append(f"g{knobs.xattn_gate}{knobs.xattn_mode}")
+    if knobs.bf16 != "none":
+        parts.append(f"bf16{'' if knobs.bf16 == 'all' else knobs.bf16}")
     return "-".join(parts)
 
 
-def candidates(steps_full: int = 20, cfg: bool = True) -> list[Candidate]:
+def candidates(steps_full: int = 20, cfg: bool = True, precision: bool = False) -> list[Candidate]:
     """Every candidate of the space (see the module docstring), baseline first; with ``cfg`` False
-    no step runs classifier-free guidance (models that embed the guidance scale, LCM).
+    no step runs classifier-free guidance (models that embed the guidance scale, LCM); with
+    ``precision`` the precision lever too (bf16 steps: OpenVINO on a CPU with native bfloat16).
 
     Names spell out the knobs as built (``t15-lr0.5:8-dck2b1-g4cond`` is the paper's preset scaled
     to 15 steps); ``levers`` keep the option names written for T = 20.
@@ -161,25 +183,33 @@ def candidates(steps_full: int = 20, cfg: bool = True) -> list[Candidate]:
                             "(20 is the paper's setting)")
     found: dict[str, Candidate] = {}
 
+    levers_in_use = LEVERS if precision else tuple(lever for lever in LEVERS if lever != "precision")
+
     def add(steps: int, levers: Mapping[str, str]) -> None:
         knobs = _knobs(steps, levers, cfg)
         name = _name(knobs)
         if name in found:
             return
-        on = tuple((lever, levers[lever]) for lever in LEVERS if levers[lever] != OFF[lever])
+        if knobs.bf16 != "none" and "bf16" not in build_schedule(knobs, name).precisions:
+            return  # a bf16 option with no step to apply to here (low-res or reads without them)
+        on = tuple((lever, levers[lever]) for lever in LEVERS if levers.get(lever, OFF[lever]) != OFF[lever])
         found[name] = Candidate(name=name, family=CHEAPER if on else FEWER, steps=steps, levers=on, knobs=knobs)
 
     add(steps_full, OFF)  # the baseline
-    for steps in sorted({_scaled(t, steps_full) for t in FEWER_STEPS}, reverse=True):
+    fewer = sorted({_scaled(t, steps_full) for t in FEWER_STEPS}, reverse=True)
+    for steps in fewer:
         add(steps, OFF)
     for fraction in CHEAPER_FRACTIONS:
         steps = _scaled(int(fraction * REFERENCE_STEPS), steps_full)
         anchors = [OFF, PAPER] if fraction == 1.0 else [PAPER]
         for anchor in anchors:
             add(steps, anchor)
-            for lever in LEVERS:
+            for lever in levers_in_use:
                 for option in OPTIONS[lever]:
                     add(steps, {**anchor, lever: option})
+    if precision:  # the fewer-steps curve again at bf16: does precision move it?
+        for steps in fewer:
+            add(steps, {**OFF, "precision": "bf16"})
     return list(found.values())
 
 
@@ -203,13 +233,13 @@ def on_grid(schedule: Schedule, latent: tuple[int, int], multiple: int) -> bool:
 
 
 def tuning_schedules(steps_full: int = 20, latent: tuple[int, int] | None = None,
-                     multiple: int | None = None, cfg: bool = True) -> list[Schedule]:
+                     multiple: int | None = None, cfg: bool = True, precision: bool = False) -> list[Schedule]:
     """Every candidate built (what ``postdiff export --tuning-space`` exports the variants of).
 
     With ``latent`` and ``multiple`` (a model's full latent size and grid), candidates whose
     low-resolution scales are off that grid are left out rather than failing the export.
     """
-    schedules = [build(c) for c in candidates(steps_full, cfg)]
+    schedules = [build(c) for c in candidates(steps_full, cfg, precision)]
     if latent is not None and multiple is not None:
         schedules = [s for s in schedules if on_grid(s, latent, multiple)]
     return schedules

@@ -29,7 +29,8 @@ from postdiff.runtime.names import (CONTEXT, DEEP_FEATURE, ENCODER_MASK, NOISE_P
 from postdiff.runtime.resize import resize_bilinear
 from postdiff.runtime.runners.base import Runner
 from postdiff.runtime.runners.branch import BranchRunner
-from postdiff.runtime.schedule import Schedule, StepPlan, Variant, graph_variants, latent_size, plan_steps
+from postdiff.runtime.schedule import (AUTO_PRECISION, Schedule, StepPlan, Variant, graph_variants, latent_size,
+                                       plan_steps)
 from postdiff.runtime.schedulers.base import Scheduler
 
 
@@ -124,7 +125,8 @@ class ScheduleExecutor:
     def __init__(self, manifest: Manifest, schedule: Schedule, runner: Callable[[str], Runner],
                  release: Callable[[str], None] | None = None, unet: str = "auto") -> None:
         """Args:
-            runner: the runner of a graph by name (opened on first use).
+            runner: the runner of a graph by name (opened on first use); for a step that pins its
+                precision (``Step.precision`` not ``auto``) it is called as ``runner(name, precision)``.
             release: when given, called with each graph's name right after its last use in a run
                 (memory budgets: the low-resolution graphs after the switch, the guided ones after
                 the gate); the graph is then opened again by the next run.
@@ -254,7 +256,8 @@ class ScheduleExecutor:
         """The graph of ``variant`` and its feed dtypes; its session is opened on first use."""
         if variant not in self._graphs:
             ref = self._graph_of[variant]
-            runner = self._runner(ref.name)
+            runner = (self._runner(ref.name) if variant.precision == AUTO_PRECISION
+                      else self._runner(ref.name, variant.precision))
             if ref.served is not None:
                 runner = BranchRunner(runner, ref.served)
             inputs = {t.name: np.dtype(t.dtype) for t in runner.spec.inputs}

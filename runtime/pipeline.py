@@ -130,7 +130,7 @@ class Pipeline:
         share = unets > 1 if shared_weights is None else shared_weights
         self._share = share
         self._pool = None
-        self._variant_set = None  # OpenVINO, shared weights: every UNet graph in one compiled model
+        self._variant_sets: dict = {}  # OpenVINO, shared weights: precision -> every UNet graph in one compiled model
         if share and self.backend == "onnxruntime":
             from postdiff.runtime.runners.weights import WeightPool
 
@@ -153,39 +153,76 @@ class Pipeline:
                 unet = "merged" if merged is not None and self._engines.engine_for(merged) else "variants"
         self.unet = unet
 
-    def runner(self, name: str) -> Runner:
-        """The runner of graph ``name``, opened on first use (or again after a release)."""
-        if name not in self._runners:
+    def runner(self, name: str, precision: str | None = None) -> Runner:
+        """The runner of graph ``name``, opened on first use (or again after a release).
+
+        ``precision`` (a schedule step's ``fp32``/``bf16``; None or ``auto``: the pipeline's) opens the
+        graph compiled at that precision, beside any other precision of it already open (OpenVINO only;
+        :meth:`check_precisions` refuses it on the other backends before any compute)."""
+        wanted = self._precision_of(precision)
+        key = name if wanted == self.precision else f"{name}@{wanted}"
+        if key not in self._runners:
             spec = self.manifest.graph(name)
             started = time.perf_counter()
             if self._engines is not None:
                 from postdiff.runtime.runners.tensorrt import TensorRTRunner
 
-                self._runners[name] = TensorRTRunner(spec, self.bundle, self._engines, name)
+                self._runners[key] = TensorRTRunner(spec, self.bundle, self._engines, name)
             elif self.backend == "openvino" and self._share and spec.variant is not None:
-                self._runners[name] = self._openvino_variants().runner(name)
+                self._runners[key] = self._openvino_variants(wanted).runner(name)
             elif self.backend == "openvino":
                 from postdiff.runtime.runners.openvino import OpenVinoRunner
 
-                self._runners[name] = OpenVinoRunner(spec, self.bundle, self.precision, self._threads)
+                self._runners[key] = OpenVinoRunner(spec, self.bundle, wanted, self._threads)
             else:
                 from postdiff.runtime.runners.ort import OrtRunner
 
                 shared = self._pool.initializers(spec) if self._pool is not None else None
-                self._runners[name] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads,
-                                                prepack=name not in TEXT_ENCODERS, arena=self.memory_budget_mb is None)
+                self._runners[key] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads,
+                                               prepack=name not in TEXT_ENCODERS, arena=self.memory_budget_mb is None)
             self.timings["sessions_s"] += time.perf_counter() - started
-            self._precisions[name] = self._runners[name].precision
-        return self._runners[name]
+            self._precisions[key] = self._runners[key].precision
+        return self._runners[key]
 
-    def _openvino_variants(self):  # -> OpenVinoVariantSet
-        """Every UNet graph of the bundle compiled as one OpenVINO model, built on first use."""
-        if self._variant_set is None:
+    def _precision_of(self, precision: str | None) -> str:
+        """The precision a request for ``precision`` runs at (None and ``auto``: the pipeline's)."""
+        if precision is None or precision == AUTO_PRECISION or precision == self.precision:
+            return self.precision
+        if self.backend != "openvino":
+            raise InputError(f"a schedule step asks for precision {precision}, which only --provider openvino "
+                             f"switches per step; {self.provider} runs every graph at the precision it was "
+                             "exported with: use --provider openvino, or a schedule without per-step precisions")
+        from postdiff.runtime.runners.openvino import resolve_precision
+
+        return resolve_precision(precision)
+
+    def check_precisions(self, schedule: Schedule) -> None:
+        """InputError, before any compute, when ``schedule`` pins a step precision this backend or CPU
+        cannot run: ``bf16`` needs OpenVINO on a CPU with native bfloat16; ``fp32`` runs anywhere the
+        graphs are fp32 (ONNX Runtime runs them as exported)."""
+        for precision in schedule.precisions:
+            if precision == AUTO_PRECISION:
+                continue
+            if self.backend == "openvino":
+                self._precision_of(precision)
+            elif precision != "fp32" or self.backend == "tensorrt":
+                self._precision_of(precision)  # InputError naming the fix
+            elif any(g.precision != "fp32" for g in self.manifest.graphs.values() if g.role == UNET):
+                raise InputError(f"schedule '{schedule.name}' pins steps to fp32, but this bundle's UNet graphs are "
+                                 f"{sorted({g.precision for g in self.manifest.graphs.values() if g.role == UNET})} "
+                                 "and ONNX Runtime runs them as exported; re-export with --precision fp32 or use "
+                                 "--provider openvino")
+
+    def _openvino_variants(self, precision: str):  # -> OpenVinoVariantSet
+        """Every UNet graph of the bundle compiled as one OpenVINO model at ``precision``, built on first use
+        (one such model per precision a schedule asks for)."""
+        if precision not in self._variant_sets:
             from postdiff.runtime.runners.openvino_set import OpenVinoVariantSet
 
             names = sorted(n for n, g in self.manifest.graphs.items() if g.variant is not None)
-            self._variant_set = OpenVinoVariantSet(self.bundle, self.manifest, names, self.precision, self._threads)
-        return self._variant_set
+            self._variant_sets[precision] = OpenVinoVariantSet(self.bundle, self.manifest, names, precision,
+                                                               self._threads)
+        return self._variant_sets[precision]
 
     @property
     def precisions(self) -> dict[str, str]:
@@ -194,8 +231,12 @@ class Pipeline:
         return dict(sorted(self._precisions.items()))
 
     def release(self, name: str) -> None:
-        """Close graph ``name``'s session and drop the shared weights no open graph holds."""
-        if self._runners.pop(name, None) is not None and self._pool is not None:
+        """Close graph ``name``'s session (at every precision open) and drop the shared weights no open
+        graph holds."""
+        keys = [key for key in self._runners if key == name or key.startswith(f"{name}@")]
+        for key in keys:
+            del self._runners[key]
+        if keys and self._pool is not None:
             self._pool.release(self.manifest.graph(name))
 
     @property
@@ -212,6 +253,7 @@ class Pipeline:
         """The executor of ``schedule`` on this bundle, made once per schedule (ScheduleError if the
         bundle lacks its graphs)."""
         if schedule not in self._executors:
+            self.check_precisions(schedule)
             release = self.release if self.memory_budget_mb is not None else None
             self._executors[schedule] = ScheduleExecutor(self.manifest, schedule, self.runner, release, self.unet)
         return self._executors[schedule]

@@ -27,17 +27,21 @@ files are refused with a message saying how to rebuild them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from postdiff.errors import ScheduleError
-from postdiff.runtime.jsonio import load_versioned
+from postdiff.runtime.jsonio import OMIT_DEFAULT, load_versioned
 from postdiff.runtime.names import CACHE_ROLES
 
 FORMAT_VERSION = 2
 #: What a cross-attention write keeps of a guided batch: the conditional half (PostDiff's "Cond")
 #: or the mean of both halves (T-GATE's "Ave").
 XATTN_MODES = ("cond", "ave")
+#: A step's inference precision: ``auto`` follows the run's ``--precision``; ``fp32`` and ``bf16`` pin
+#: it for that step (bf16 runs on OpenVINO only, where the CPU has native bfloat16).
+AUTO_PRECISION = "auto"
+STEP_PRECISIONS = (AUTO_PRECISION, "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,9 @@ class Step:
     branch: int = 0  # DeepCache branch (DeepCache's cache_branch_id, 0 = shallowest) for write/read
     xattn: str = "none"  # cross-attention cache role, one of CACHE_ROLES
     switch: bool = False  # first step at a new scale: x̂0 -> upsample -> re-noise before it runs
+    # Inference precision of this step's UNet evaluation, one of STEP_PRECISIONS. Added to format 2
+    # after files of it existed: left out of the JSON while "auto", so those files stay byte for byte.
+    precision: str = field(default=AUTO_PRECISION, metadata={OMIT_DEFAULT: True})
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,11 @@ class Schedule:
             if not seen or seen[-1] != step.scale:
                 seen.append(step.scale)
         return tuple(seen)
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The distinct step precisions in order of use (``("auto",)`` for a schedule that pins none)."""
+        return tuple(dict.fromkeys(step.precision for step in self.steps))
 
 
 def load_schedule(path: Path) -> Schedule:
@@ -130,6 +142,8 @@ def _check_fields(step: Step, where: str) -> None:
         raise ScheduleError(f"{where}: xattn '{step.xattn}' is not one of {list(CACHE_ROLES)}")
     if step.branch < 0:
         raise ScheduleError(f"{where}: branch {step.branch} is negative")
+    if step.precision not in STEP_PRECISIONS:
+        raise ScheduleError(f"{where}: precision '{step.precision}' is not one of {list(STEP_PRECISIONS)}")
 
 
 def _check_deep(step: Step, cache: tuple[float, bool, int] | None, where: str,
@@ -186,6 +200,7 @@ class Variant:
     deep: str = "none"  # a CACHE_ROLE: write = full UNet emitting the feature, read = shallow part taking it
     branch: int = 0
     xattn: str = "none"  # a CACHE_ROLE: write = emits the attn2 outputs, read = takes them
+    precision: str = AUTO_PRECISION  # one of STEP_PRECISIONS: the same graph, compiled at this precision
 
 
 PLAIN = Variant(scale=1.0, batch=2)  # plain generation's evaluation: full resolution, guidance batch, no caches
@@ -213,10 +228,13 @@ def plan_steps(schedule: Schedule) -> tuple[StepPlan, ...]:
         if step.switch and previous is not None:
             # x̂0 comes from a plain evaluation at the old scale and this step's guidance setting,
             # reading the written cross-attention maps when guidance is already off.
+            # It belongs to the old resolution's phase: it runs at the previous step's precision.
             reads = not step.cfg and xattn_scale == previous.scale
-            switch_from = Variant(scale=previous.scale, batch=batch, xattn="read" if reads else "none")
+            switch_from = Variant(scale=previous.scale, batch=batch, xattn="read" if reads else "none",
+                                  precision=previous.precision)
         branch = step.branch if step.deep != "none" else 0
-        plans.append(StepPlan(index, Variant(step.scale, batch, step.deep, branch, step.xattn), switch_from))
+        plans.append(StepPlan(index, Variant(step.scale, batch, step.deep, branch, step.xattn, step.precision),
+                              switch_from))
         if step.xattn == "write":
             xattn_scale = step.scale
         previous = step

@@ -110,7 +110,7 @@ def test_openvino_fp32_matches_onnxruntime_on_a_postdiff_schedule(openvino_avail
     sets = {id(r._owner) for r in kept[0]._runners.values() if hasattr(r, "_owner")}
     assert len(sets) == (1 if shared else 0)  # shared: every UNet graph is a branch of one compiled model
     if shared:
-        variants = kept[0]._variant_set
+        variants = kept[0]._variant_sets["fp32"]
         assert isinstance(variants, OpenVinoVariantSet) and kept[0].weights_mode == "shared"
         assert variants.names == sorted(n for n, g in kept[0].manifest.graphs.items() if g.variant is not None)
         assert variants.shared_constants > 0  # the graphs' common weights are one Constant each

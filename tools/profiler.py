@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from postdiff.profiles.device import (FORMAT_VERSION, BundleRef, DeviceProfile, Machine, Timing, size_key,
-                                      switch_key)
+from postdiff.profiles.device import (FORMAT_VERSION, BundleRef, DeviceProfile, Machine, PrecisionTimings, Timing,
+                                      size_key, switch_key)
 from postdiff.errors import InputError
 from postdiff.runtime.executor import concrete, required_graphs, switch_noise
 from postdiff.runtime.manifest import Manifest, TensorSpec, dump_manifest
@@ -348,6 +348,11 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
         switch[switch_key(low, high)] = _time_switch(manifest, low, high, repeats, warmup, rng)
         bar.update()
     bar.close()
+    main_precision = machine.precision
+    threads, share = pipeline._threads, pipeline.weights_mode == "shared"
+    del pipeline, runner  # the main precision's compiled models go before the next precision's are compiled
+    precisions = {other: _time_precision(Path(bundle), provider, other, share, threads, unets, feeds, repeats, warmup)
+                  for other in further_precisions(provider, main_precision, memory_budget_mb)}
     return DeviceProfile(
         format_version=FORMAT_VERSION,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -363,7 +368,33 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
         step_after_graph=step_after_graph,
         peak_rss_mb=round(peak_rss_mb(), 1),
         peak_gpu_mb=None if peak_gpu is None else round(peak_gpu, 1),
+        precisions=precisions,
     )
+
+
+def further_precisions(provider: str, main: str, memory_budget_mb: float | None = None) -> list[str]:
+    """The precisions besides ``main`` that ``postdiff profile`` also times the UNet graphs at: every
+    float precision OpenVINO runs natively on this CPU (none under a memory budget, nor for the other
+    backends, which run the graphs at their exported precision)."""
+    if get_provider(provider).backend != "openvino" or memory_budget_mb is not None:
+        return []
+    from postdiff.runtime.runners.openvino import cpu_precisions
+
+    return [name for name in cpu_precisions() if name != main]
+
+
+def _time_precision(bundle: Path, provider: str, precision: str, shared: bool, threads: int | None,
+                    unets: Sequence[str], feeds: dict[str, dict[str, np.ndarray]], repeats: int,
+                    warmup: int) -> PrecisionTimings:
+    """The UNet graphs at ``precision``: back to back, then round-robin among themselves."""
+    pipeline = Pipeline(bundle, provider=provider, shared_weights=shared, precision=precision, threads=threads,
+                        verify=False)  # the main pass checked the files
+    graphs = {}
+    for name in unets:
+        runner = pipeline.runner(name)
+        graphs[name] = time_calls(lambda _i: runner.infer(feeds[name]), repeats, warmup)
+    interleaved, _ = _time_interleaved(pipeline, list(unets), feeds, repeats, warmup, {})
+    return PrecisionTimings(graphs=graphs, interleaved=interleaved)
 
 
 def graph_calls(manifest: Manifest, schedule: Schedule) -> list[str]:
@@ -374,21 +405,52 @@ def graph_calls(manifest: Manifest, schedule: Schedule) -> list[str]:
     Raises:
         ScheduleError: the schedule needs graphs the bundle was not exported with.
     """
+    return [name for name, _ in _calls(manifest, schedule)]
+
+
+def _calls(manifest: Manifest, schedule: Schedule) -> list[tuple[str, str | None]]:
+    """:func:`graph_calls` with each UNet call's step precision (``Variant.precision``; None for the
+    other graphs)."""
     required_graphs(manifest, schedule)  # ScheduleError naming what the bundle lacks
     # Each text encoder (SDXL has two) twice: prompt and negative prompt; once for an SDXL model whose
     # empty negative prompt (the default) is zeros (force_zeros_for_empty_prompt).
     encodes = 1 if manifest.sdxl is not None and manifest.sdxl.force_zeros_for_empty_prompt else 2
-    calls = [name for name in TEXT_ENCODERS if name in manifest.graphs for _ in range(encodes)]
+    calls: list[tuple[str, str | None]] = [(name, None) for name in TEXT_ENCODERS if name in manifest.graphs
+                                           for _ in range(encodes)]
     for plan in plan_steps(schedule):
-        if plan.switch_from is not None:
-            calls.append(manifest.unet_graph(concrete(manifest, plan.switch_from)))
-        calls.append(manifest.unet_graph(concrete(manifest, plan.variant)))
+        for variant in filter(None, (plan.switch_from, plan.variant)):
+            calls.append((manifest.unet_graph(concrete(manifest, variant)), variant.precision))
     if VAE_DECODER in manifest.graphs:
-        calls.append(VAE_DECODER)
+        calls.append((VAE_DECODER, None))
     return calls
 
 
-def predict_ms(profile: DeviceProfile, manifest: Manifest, schedule: Schedule, scheduler: str = "ddim") -> float:
+def call_ms(profile: DeviceProfile, name: str, precision: str | None, previous: str | None,
+            run_precision: str | None = None) -> float:
+    """Median ms of one call of graph ``name`` at a step's ``precision`` (``auto``/None: the run's
+    ``run_precision``, itself None or ``auto`` for the profile's main precision): back to back when it
+    repeats ``previous``, else round-robin.
+
+    Raises:
+        InputError: the profile has no timing of that graph at that precision.
+    """
+    wanted = precision if precision not in (None, AUTO_PRECISION) else run_precision
+    wanted = None if wanted == AUTO_PRECISION else wanted
+    tables = profile.tables(wanted)
+    if tables is None:
+        raise InputError(f"the device profile has no timings at precision {wanted} (its main timings ran at "
+                         f"{profile.machine.precision}, further ones at {sorted(profile.precisions) or 'none'}); "
+                         f"re-run `postdiff profile` with --provider openvino on a CPU that runs {wanted}")
+    table, what = (tables[0], "graph") if name == previous else (tables[1], "interleaved graph")
+    if name not in table:
+        raise InputError(f"the device profile has no {what} timing for '{name}' at precision "
+                         f"{wanted or profile.machine.precision} (it has {sorted(table)}); "
+                         "re-run `postdiff profile` on this bundle")
+    return table[name].median_ms
+
+
+def predict_ms(profile: DeviceProfile, manifest: Manifest, schedule: Schedule, scheduler: str = "ddim",
+               precision: str | None = None) -> float:
     """Predicted latency (median milliseconds) of one ``Pipeline.generate`` of ``schedule``.
 
     The sum over :func:`graph_calls` of each call's median: the back-to-back timing (``graphs``)
@@ -398,7 +460,9 @@ def predict_ms(profile: DeviceProfile, manifest: Manifest, schedule: Schedule, s
     is on. Plus one scheduler step per step at that step's latent size, with the extra cost of a
     step taken right after a graph call (``step_after_graph`` minus the tight-loop DDIM step, when
     the profile has it), and the numpy part of each resolution switch. Tokenizing, the initial noise
-    and image conversion are not counted.
+    and image conversion are not counted. A UNet call of a step that pins its precision is looked up
+    at that precision (``profile.precisions``); the others at ``precision``, the run's --precision
+    (None or ``auto``: the profile's main one).
 
     Raises:
         InputError: the profile was measured on another bundle, or lacks a graph, scheduler or
@@ -424,9 +488,12 @@ def predict_ms(profile: DeviceProfile, manifest: Manifest, schedule: Schedule, s
         return table[key].median_ms
 
     total, previous = 0.0, None
-    for name in graph_calls(manifest, schedule):
-        table, what = (profile.graphs, "graph") if name == previous else (profile.interleaved, "interleaved graph")
-        total += lookup(table, name, what)
+    for name, at in _calls(manifest, schedule):
+        if at is None:  # text encoders and decoder: the main tables
+            table, what = (profile.graphs, "graph") if name == previous else (profile.interleaved, "interleaved graph")
+            total += lookup(table, name, what)
+        else:
+            total += call_ms(profile, name, at, previous, precision)
         previous = name
     steps = profile.scheduler_step[scheduler]
     for plan in plan_steps(schedule):

@@ -33,6 +33,13 @@ on one device, empirically:
    device profile is the authority on the device's latency), ties going to the faster one. The
    Pareto frontier is over (predicted latency, fidelity).
 
+Precision. With a device profile measured with ``--provider openvino`` the tuner generates on
+OpenVINO, at fp32 for the baseline and for every step that does not pin its precision, so that the
+baseline stays the fp32 reference; ``--precision-space`` adds the precision lever
+(:mod:`postdiff.profiles.tuning`): candidates with bf16 steps, predicted from the profile's bf16
+timings and scored on OpenVINO bf16 like any other candidate. Without the flag the same command gives
+the frontier without precision on the same device, so the two frontiers are comparable.
+
 Resumability: every finished fidelity or latency result is appended at once, as one JSON line,
 flushed and fsynced, to a cache file (default ``tune-cache.jsonl`` in ``--out``'s folder). Records
 are keyed by a hash of the schedule's steps and cross-attention mode with the calibration size,
@@ -100,6 +107,10 @@ class TuneOptions:
     steps_full: int | None = None  # the baseline's step count (None: 20, or LCM_STEPS_FULL for an LCM)
     space: tuple[Candidate, ...] | None = None  # candidates to consider; None: profiles.tuning.candidates()
     ray: RayOptions | None = None  # score fidelity on Ray workers (``workers`` then counts them); None: locally
+    # Precision as a lever (profiles.tuning, ``--precision-space``). With an OpenVINO device profile the
+    # tuner generates on OpenVINO at fp32 (the baseline and every step that pins none; bf16 where a
+    # candidate pins it) with or without the lever; the lever needs such a profile with bf16 timings.
+    precision_space: bool = False
 
 
 @dataclass
@@ -133,16 +144,30 @@ def _key(kind: str, **fields: object) -> str:
     return hashlib.sha256(json.dumps({"kind": kind, **fields}, sort_keys=True).encode()).hexdigest()
 
 
-def fidelity_key(schedule: Schedule, calib: int, scheduler: str, manifest_sha: str) -> str:
+#: How the tuner runs generations: (provider, run precision). ONNX Runtime by default; with the precision
+#: lever, OpenVINO at fp32 (steps that pin bf16 run at bf16).
+ORT_RUN = ("cpu", "auto")
+OPENVINO_RUN = ("openvino", "fp32")
+
+
+def _run_fields(run: tuple[str, str]) -> dict[str, str]:
+    """The key fields of how results were generated: none for ONNX Runtime (the keys of caches written
+    before the precision lever stay valid), provider and precision otherwise."""
+    return {} if run == ORT_RUN else {"provider": run[0], "precision": run[1]}
+
+
+def fidelity_key(schedule: Schedule, calib: int, scheduler: str, manifest_sha: str,
+                 run: tuple[str, str] = ORT_RUN) -> str:
     """Cache key of a candidate's fidelity on ``calib`` requests."""
     return _key("fidelity", schedule=schedule_digest(schedule), calib=calib, scheduler=scheduler,
-                manifest=manifest_sha)
+                manifest=manifest_sha, **_run_fields(run))
 
 
-def latency_key(schedule: Schedule, runs: int, scheduler: str, manifest_sha: str) -> str:
+def latency_key(schedule: Schedule, runs: int, scheduler: str, manifest_sha: str,
+                run: tuple[str, str] = ORT_RUN) -> str:
     """Cache key of a candidate's measured latency: the median of ``runs`` timed generations."""
     return _key("latency", schedule=schedule_digest(schedule), runs=runs, scheduler=scheduler,
-                manifest=manifest_sha, statistic="median")
+                manifest=manifest_sha, statistic="median", **_run_fields(run))
 
 
 class TuneCache:
@@ -210,10 +235,11 @@ _WORKER_ERROR: Exception | None = None
 
 
 def _init_worker(bundle: str, requests: list[Request], reference: list, scheduler: str, judged: bool,
-                 threads: int | None) -> None:
+                 threads: int | None, run: tuple[str, str] = ORT_RUN) -> None:
     global _WORKER, _WORKER_ERROR
     try:
-        pipeline = Pipeline(Path(bundle), verify=False, threads=threads)  # the parent verified the files
+        pipeline = Pipeline(Path(bundle), verify=False, threads=threads, provider=run[0],
+                            precision=run[1])  # the parent verified the files
         _WORKER = Evaluator(pipeline, requests, reference, scheduler, judged)
     except Exception as exc:  # raised from _work instead: a Pool respawns failing initializers forever
         _WORKER_ERROR = exc
@@ -228,7 +254,8 @@ def _work(schedule: Schedule) -> tuple[str, dict]:
 
 
 def _local_fidelity(pipeline: Pipeline, todo: Sequence[Schedule], requests: list[Request], reference_images: list,
-                    scheduler: str, judged: bool, workers: int) -> Iterator[tuple[Schedule, dict]]:
+                    scheduler: str, judged: bool, workers: int,
+                    run: tuple[str, str] = ORT_RUN) -> Iterator[tuple[Schedule, dict]]:
     """(schedule, scores) as each finishes: inline with one worker, else on a pool of processes."""
     if workers == 1:
         evaluator = Evaluator(pipeline, requests, reference_images, scheduler, judged)
@@ -241,7 +268,7 @@ def _local_fidelity(pipeline: Pipeline, todo: Sequence[Schedule], requests: list
     by_name = {s.name: s for s in todo}
     context = multiprocessing.get_context("spawn")
     pool = context.Pool(workers, initializer=_init_worker,
-                        initargs=(str(pipeline.bundle), requests, reference_images, scheduler, judged, threads))
+                        initargs=(str(pipeline.bundle), requests, reference_images, scheduler, judged, threads, run))
     try:
         for name, scores in pool.imap_unordered(_work, todo):
             yield by_name[name], scores
@@ -256,7 +283,8 @@ def _local_fidelity(pipeline: Pipeline, todo: Sequence[Schedule], requests: list
 
 def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Schedule, calib: int,
                       scheduler: str = "ddim", workers: int = 1, cache: TuneCache | None = None,
-                      progress: bool = True, ray: RayOptions | None = None) -> tuple[dict[str, dict], int]:
+                      progress: bool = True, ray: RayOptions | None = None,
+                      run: tuple[str, str] = ORT_RUN) -> tuple[dict[str, dict], int]:
     """Fidelity of every schedule on ``calib`` requests against ``reference``'s images.
 
     Cached results are reused; new ones are appended to ``cache`` as they finish, by this process
@@ -265,7 +293,8 @@ def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Sc
     with ``ray`` on a Ray worker, which then also scores every candidate
     (:mod:`postdiff.tools.tune_ray`; ``workers`` is ignored there, see :class:`RayOptions`). Either
     way a candidate is scored by :meth:`Evaluator.evaluate`. The caller has checked the bundle's
-    files (sha256).
+    files (sha256). ``run`` is (provider, precision) of every generation (:data:`ORT_RUN` or
+    :data:`OPENVINO_RUN`; Ray workers run ONNX Runtime only).
 
     Returns:
         ({schedule name: record with psnr_db, ssim, adherence, digit_fid, calib_ms}, number computed).
@@ -276,7 +305,7 @@ def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Sc
     results: dict[str, dict] = {}
     todo: list[Schedule] = []
     for schedule in schedules:
-        record = cache.get(fidelity_key(schedule, calib, scheduler, digest))
+        record = cache.get(fidelity_key(schedule, calib, scheduler, digest, run))
         if record is not None:
             results[schedule.name] = record
         else:
@@ -285,14 +314,17 @@ def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Sc
         return results, 0
     requests = requests_for(manifest, calib)
     judged = is_digit_model(manifest)
+    if ray is not None and run != ORT_RUN:
+        raise InputError("--ray scores fidelity with ONNX Runtime only; the precision lever needs OpenVINO: "
+                         "drop --ray or --precision-space")
     if ray is not None:
         stream = ray_fidelity(Path(bundle), digest, todo, reference, requests, scheduler, judged, ray)
         backend, count = "ray", None  # the worker count is known once connected; records name the backend
     else:
-        pipeline = Pipeline(Path(bundle), verify=False)  # the caller verified the files
+        pipeline = Pipeline(Path(bundle), verify=False, provider=run[0], precision=run[1])  # files verified
         reference_images = generate_set(pipeline, reference, requests, scheduler, progress=progress).images
         count = max(1, min(workers, len(todo)))
-        stream = _local_fidelity(pipeline, todo, requests, reference_images, scheduler, judged, count)
+        stream = _local_fidelity(pipeline, todo, requests, reference_images, scheduler, judged, count, run)
         backend = "inline" if count == 1 else "pool"
     bar = tqdm(total=len(schedules), initial=len(results), desc=f"fidelity (calib {calib})", unit="cand",
                disable=not progress)
@@ -300,10 +332,10 @@ def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Sc
         for schedule, scores in stream:
             if schedule.name in results:  # a backend bug; never count a candidate twice
                 raise RuntimeError(f"candidate {schedule.name} was scored twice (a postdiff bug)")
-            record = {"kind": "fidelity", "key": fidelity_key(schedule, calib, scheduler, digest),
+            record = {"kind": "fidelity", "key": fidelity_key(schedule, calib, scheduler, digest, run),
                       "name": schedule.name, "schedule_sha256": schedule_digest(schedule), "calib": calib,
                       "scheduler": scheduler, "manifest_sha256": digest, "backend": backend,
-                      **({} if count is None else {"workers": count}), **scores}
+                      **({} if count is None else {"workers": count}), **_run_fields(run), **scores}
             cache.add(record)  # at once: a kill or Ctrl-C loses only the candidates in flight
             results[schedule.name] = record
             bar.set_postfix_str(schedule.name)
@@ -317,7 +349,8 @@ def evaluate_fidelity(bundle: Path, schedules: Sequence[Schedule], reference: Sc
 # --- Latency, sequentially in this process -----------------------------------------------------
 
 def measure_latency(bundle: Path, schedules: Sequence[Schedule], runs: int, scheduler: str = "ddim",
-                    cache: TuneCache | None = None, progress: bool = True) -> tuple[dict[str, float], int]:
+                    cache: TuneCache | None = None, progress: bool = True,
+                    run: tuple[str, str] = ORT_RUN) -> tuple[dict[str, float], int]:
     """Median wall latency (ms) of one generation of each schedule, uncontended, cached.
 
     One warm-up generation (opens the sessions), then ``runs`` timed ones (seeds 0..runs-1).
@@ -331,14 +364,14 @@ def measure_latency(bundle: Path, schedules: Sequence[Schedule], runs: int, sche
     results: dict[str, float] = {}
     todo = []
     for schedule in schedules:
-        record = cache.get(latency_key(schedule, runs, scheduler, digest))
+        record = cache.get(latency_key(schedule, runs, scheduler, digest, run))
         if record is not None:
             results[schedule.name] = record["measured_ms"]
         else:
             todo.append(schedule)
     if not todo:
         return results, 0
-    pipeline = Pipeline(Path(bundle), verify=False)
+    pipeline = Pipeline(Path(bundle), verify=False, provider=run[0], precision=run[1])
     requests = requests_for(pipeline, runs)
     bar = tqdm(total=len(schedules), initial=len(results), desc="latency", unit="cand", disable=not progress)
     for schedule in todo:
@@ -346,9 +379,9 @@ def measure_latency(bundle: Path, schedules: Sequence[Schedule], runs: int, sche
         generate_set(pipeline, schedule, requests[:1], scheduler, progress=False)  # warm-up
         timed = generate_set(pipeline, schedule, requests, scheduler, progress=False)
         measured = timed.latency_s * 1000.0
-        cache.add({"kind": "latency", "key": latency_key(schedule, runs, scheduler, digest), "name": schedule.name,
+        cache.add({"kind": "latency", "key": latency_key(schedule, runs, scheduler, digest, run), "name": schedule.name,
                    "schedule_sha256": schedule_digest(schedule), "runs": runs, "scheduler": scheduler,
-                   "manifest_sha256": digest, "measured_ms": measured})
+                   "manifest_sha256": digest, "measured_ms": measured, **_run_fields(run)})
         results[schedule.name] = measured
         bar.update()
     bar.close()
@@ -440,7 +473,21 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     if options.steps_full is None:
         options = replace(options, steps_full=REFERENCE_STEPS if cfg else LCM_STEPS_FULL)
     profile = load_device_profile(Path(options.device))
-    space = list(options.space) if options.space is not None else candidates(options.steps_full, cfg)
+    run, run_precision = ORT_RUN, None
+    if profile.machine.provider == "openvino":
+        # An OpenVINO device: generate there too, at fp32 unless a step pins bf16, and predict likewise
+        # (the profile's main timings are at OpenVINO's default, bf16 on CPUs that have it).
+        run, run_precision = OPENVINO_RUN, "fp32"
+        if profile.tables("fp32") is None:
+            raise InputError(f"{options.device} has no fp32 timings (main precision {profile.machine.precision}); "
+                             "re-run `postdiff profile BUNDLE --provider openvino` with this postdiff, which times "
+                             "every precision the CPU runs")
+    if options.precision_space and (run != OPENVINO_RUN or profile.tables("bf16") is None):
+        raise InputError(f"--precision-space needs a device profile measured with --provider openvino on a CPU with "
+                         f"native bfloat16, with timings at fp32 and bf16; {options.device} is "
+                         f"{profile.machine.provider} at {[profile.machine.precision, *profile.precisions]}")
+    space = (list(options.space) if options.space is not None
+             else candidates(options.steps_full, cfg, precision=options.precision_space))
     baseline = next((c for c in candidates(options.steps_full, cfg)
                      if c.family == FEWER and c.steps == options.steps_full), None)
     if baseline is None:
@@ -456,7 +503,8 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
             "`postdiff export MODEL --out BUNDLE --tuning-space` (or add `--schedule baseline`)")
     missing = [c.name for c in space if not has_graphs(manifest, built[c.name])]
     available = [c for c in space if c.name not in missing]
-    predicted = {c.name: predict_ms(profile, manifest, built[c.name], options.scheduler) for c in available}
+    predicted = {c.name: predict_ms(profile, manifest, built[c.name], options.scheduler, run_precision)
+                 for c in available}
     baseline_ms = predicted[baseline.name]
     budget = options.budget_ms if options.budget_ms is not None else baseline_ms / options.speedup
     fastest = min(available, key=lambda c: predicted[c.name])
@@ -488,10 +536,10 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
     ray = None if options.ray is None else replace(options.ray, workers=options.workers)
     started = time.perf_counter()
     scores, fidelity_computed = evaluate_fidelity(bundle, schedules, built[baseline.name], options.calib,
-                                                  options.scheduler, workers, cache, progress, ray)
+                                                  options.scheduler, workers, cache, progress, ray, run)
     fidelity_s, started = time.perf_counter() - started, time.perf_counter()
     latencies, latency_computed = measure_latency(bundle, schedules, options.timing_runs, options.scheduler, cache,
-                                                  progress)
+                                                  progress, run)
     latency_s = time.perf_counter() - started
 
     metric = decisive_metric(manifest)
@@ -541,6 +589,7 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
         "bundle": {"source": manifest.model.source, "manifest_sha256": manifest_digest(manifest)},
         "device": {"profile": str(options.device), "cpu": profile.machine.cpu, "gpu": profile.machine.gpu,
                    "provider": profile.machine.provider},
+        "run": {"provider": run[0], "precision": run[1]}, "precision_space": options.precision_space,
         "scheduler": options.scheduler, "calib": options.calib, "timing_runs": options.timing_runs,
         "baseline": baseline.name, "baseline_predicted_ms": baseline_ms, "chosen": chosen["name"],
         "prediction_accuracy": accuracy, "points": points,
