@@ -188,6 +188,8 @@ class Pipeline:
         """The precision a request for ``precision`` runs at (None and ``auto``: the pipeline's)."""
         if precision is None or precision == AUTO_PRECISION or precision == self.precision:
             return self.precision
+        if self.backend == "onnxruntime" and precision == "fp32":
+            return self.precision  # the graphs as exported, fp32 (check_precisions)
         if self.backend != "openvino":
             raise InputError(f"a schedule step asks for precision {precision}, which only --provider openvino "
                              f"switches per step; {self.provider} runs every graph at the precision it was "

@@ -349,9 +349,9 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
         bar.update()
     bar.close()
     main_precision = machine.precision
-    threads, share = pipeline._threads, pipeline.weights_mode == "shared"
+    threads, weights_mode = pipeline._threads, pipeline.weights_mode
     del pipeline, runner  # the main precision's compiled models go before the next precision's are compiled
-    precisions = {other: _time_precision(Path(bundle), provider, other, share, threads, unets, feeds, repeats, warmup)
+    precisions = {other: _time_precision(Path(bundle), provider, other, weights_mode == "shared", threads, unets, feeds, repeats, warmup)
                   for other in further_precisions(provider, main_precision, memory_budget_mb)}
     return DeviceProfile(
         format_version=FORMAT_VERSION,
@@ -359,7 +359,7 @@ def profile_bundle(bundle: Path, provider: str = "cpu", repeats: int = 10, warmu
         machine=machine,
         bundle=BundleRef(source=manifest.model.source, manifest_sha256=manifest_digest(manifest),
                          schedules=tuple(manifest.schedules)),
-        weights=pipeline.weights_mode,
+        weights=weights_mode,
         warmup=warmup,
         graphs=graphs,
         interleaved=interleaved,
