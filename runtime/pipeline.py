@@ -151,6 +151,11 @@ class Pipeline:
             merged = self.manifest.merged_unet
             if unet == "auto":
                 unet = "merged" if merged is not None and self._engines.engine_for(merged) else "variants"
+        if self.backend == "openvino" and unet == "merged":
+            raise InputError("--unet merged is refused with --provider openvino: OpenVINO 2026.4 computes a wrong "
+                             "noise_pred (off by up to 1e30) on the first call of some branches of the merged graph "
+                             "(docs/openvino.md); use the per-variant graphs (--unet auto), which OpenVINO shares "
+                             "weights between as one compiled model")
         self.unet = unet
 
     def runner(self, name: str, precision: str | None = None) -> Runner:

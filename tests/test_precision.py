@@ -226,3 +226,12 @@ def test_precision_space_needs_an_openvino_profile(tiny_postdiff_bundle: Path, t
 
 def test_step_dataclass_default_is_auto() -> None:
     assert Step().precision == "auto"
+
+
+def test_openvino_refuses_the_merged_unet(tiny_merged_bundle: Path) -> None:
+    from postdiff.runtime.pipeline import Pipeline
+
+    pytest.importorskip("openvino")
+    with pytest.raises(InputError, match="--unet merged is refused with --provider openvino"):
+        Pipeline(tiny_merged_bundle, provider="openvino", unet="merged")
+    Pipeline(tiny_merged_bundle, provider="openvino")  # the per-variant graphs: fine

@@ -183,7 +183,8 @@ def measure_runtime(bundle: str, schedule: str, scheduler: str, seed: int, repea
     cold = dict(pipeline.timings)
     sessions_mb = rss_mb() - before  # sessions, weights and activation memory after one generation
     anon, mapped = pss_mb()
-    ran = ",".join(sorted({p for n, p in pipeline.precisions.items() if n in executor.graph_names})) or precision
+    ran = ",".join(sorted({p for n, p in pipeline.precisions.items()  # "NAME@bf16": a step-pinned precision
+                           if n.split("@")[0] in executor.graph_names})) or precision
     walls, graphs = [], []
     for _ in range(repeats):
         pipeline.reset_clock()
