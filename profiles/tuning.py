@@ -113,7 +113,7 @@ OPTIONS: dict[str, Mapping[str, object]] = {"low_res": LOW_RES, "deepcache": DEE
                                             "precision": PRECISION}
 OFF = {"low_res": "none", "deepcache": "off", "xattn": "none", "precision": "fp32"}
 #: The paper's SD 1.5 setting (DESIGN §1), the second anchor of the space.
-PAPER = {"low_res": "0.5:10", "deepcache": "k2b1", "xattn": "m5cond", "precision": "fp32"}
+PAPER = {"low_res": "0.5:10", "deepcache": "k2b1", "xattn": "m5cond"}  # precision: off (fp32)
 #: How much faster an extra lever must make a schedule to be worth its approximation.
 MIN_GAIN = 0.02
 

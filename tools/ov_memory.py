@@ -63,15 +63,22 @@ def export(out: Path, width: float, resolution: int) -> None:
                                 schedules=(SCHEDULE,), merged=True), progress=False)
 
 
-def measure_one(bundle: Path, form: str, precision: str) -> dict:
+def measure_one(bundle: Path, form: str, precision: str, schedule_spec: str = SCHEDULE) -> dict:
     """Load the schedule's UNet graphs in ``form`` in this process, call each once; the figures."""
     from postdiff.profiles.presets import resolve_schedule
     from postdiff.runtime.pipeline import Pipeline
 
+    import onnxruntime  # noqa: F401  (the libraries and OpenVINO's CPU plugin are not the graphs' memory)
+
     if form != "ort":
-        import openvino  # noqa: F401  (its import is not the graphs' memory)
+        from postdiff.runtime.runners.openvino import cpu_precisions
+
+        cpu_precisions()  # loads the CPU plugin
     before = _rss_kb("VmRSS")
-    schedule = resolve_schedule(SCHEDULE)
+    from dataclasses import replace
+
+    schedule = resolve_schedule(schedule_spec)  # every step at this run's precision
+    schedule = replace(schedule, steps=tuple(replace(step, precision="auto") for step in schedule.steps))
     if form == "ov-merged":  # the runtime refuses this form (wrong results, docs/openvino.md): built by hand
         from postdiff.runtime.executor import resolve_graphs
         from postdiff.runtime.manifest import load_manifest
@@ -110,20 +117,22 @@ def main() -> None:
     mea.add_argument("bundle", type=Path)
     mea.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
     mea.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    mea.add_argument("--schedule", default=SCHEDULE, help=f"schedule whose graphs are loaded (default {SCHEDULE})")
     one = sub.add_parser("one")  # one measurement, in its own process (what `measure` runs)
     one.add_argument("bundle", type=Path)
     one.add_argument("form", choices=FORMS)
     one.add_argument("precision")
+    one.add_argument("--schedule", default=SCHEDULE)
     args = parser.parse_args()
     if args.command == "export":
         export(args.out, args.width, args.resolution)
     elif args.command == "one":
-        print(json.dumps(measure_one(args.bundle, args.form, args.precision)))
+        print(json.dumps(measure_one(args.bundle, args.form, args.precision, args.schedule)))
     else:
         for form in args.forms:
             for precision in (["fp32"] if form == "ort" else args.precisions):
                 run = subprocess.run([sys.executable, "-m", "postdiff.tools.ov_memory", "one", str(args.bundle), form,
-                                      precision], capture_output=True, text=True, env={**os.environ})
+                                      precision, "--schedule", args.schedule], capture_output=True, text=True, env={**os.environ})
                 if run.returncode:
                     print(json.dumps({"form": form, "precision": precision,
                                       "error": run.stderr.strip().splitlines()[-1:]}))

@@ -486,8 +486,11 @@ def tune(options: TuneOptions, progress: bool = True) -> TuneReport:
         raise InputError(f"--precision-space needs a device profile measured with --provider openvino on a CPU with "
                          f"native bfloat16, with timings at fp32 and bf16; {options.device} is "
                          f"{profile.machine.provider} at {[profile.machine.precision, *profile.precisions]}")
-    space = (list(options.space) if options.space is not None
-             else candidates(options.steps_full, cfg, precision=options.precision_space))
+    if options.space is not None:
+        space = list(options.space)
+    else:
+        space = (candidates(options.steps_full, cfg, precision=True) if options.precision_space
+                 else candidates(options.steps_full, cfg))
     baseline = next((c for c in candidates(options.steps_full, cfg)
                      if c.family == FEWER and c.steps == options.steps_full), None)
     if baseline is None:
