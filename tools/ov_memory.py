@@ -50,7 +50,7 @@ def export(out: Path, width: float, resolution: int) -> None:
         text_encoder = _text_encoder(tokenizer, vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
                                      num_attention_heads=12, num_hidden_layers=2, hidden_act="quick_gelu",
                                      projection_dim=768)
-        channels = tuple(int(round(c * width / 32)) * 32 for c in (320, 640, 1280, 1280))
+        channels = tuple(max(1, round(c * width / 32)) * 32 for c in (320, 640, 1280, 1280))
         unet = UNet2DConditionModel(sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=2,
                                     block_out_channels=channels, cross_attention_dim=768, attention_head_dim=8)
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),

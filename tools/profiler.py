@@ -528,6 +528,9 @@ def format_profile(profile: DeviceProfile) -> str:
 
     lines += [row(name, t) for name, t in sorted(profile.graphs.items())]
     lines += [row(f"{name} (interleaved)", t) for name, t in sorted(profile.interleaved.items())]
+    for precision, extra in sorted(profile.precisions.items()):  # the UNets again at the other precisions
+        lines += [row(f"{name} @{precision}", t) for name, t in sorted(extra.graphs.items())]
+        lines += [row(f"{name} @{precision} (interleaved)", t) for name, t in sorted(extra.interleaved.items())]
     lines += [row(f"step {name} {size}", t) for name, sizes in sorted(profile.scheduler_step.items())
               for size, t in sorted(sizes.items())]
     lines += [row(f"switch {pair}", t) for pair, t in sorted(profile.switch.items())]
