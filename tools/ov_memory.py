@@ -35,7 +35,7 @@ def _rss_kb(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def export(out: Path, width: float, resolution: int) -> None:
+def export(out: Path, width: float, resolution: int, merged: bool = True) -> None:
     """Export the reduced-width SD-1.5-layout bundle (workstation side: torch, diffusers)."""
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -60,7 +60,7 @@ def export(out: Path, width: float, resolution: int) -> None:
 
     export_module.load_model = reduced  # the exporter's model source, replaced for this script only
     export_bundle(ExportOptions(source="random:sd15", out=out, resolution=(resolution, resolution),
-                                schedules=(SCHEDULE,), merged=True), progress=False)
+                                schedules=(SCHEDULE,), merged=merged), progress=False)
 
 
 def measure_one(bundle: Path, form: str, precision: str, schedule_spec: str = SCHEDULE) -> dict:
@@ -113,6 +113,8 @@ def main() -> None:
     exp.add_argument("out", type=Path)
     exp.add_argument("--width", type=float, default=0.4)
     exp.add_argument("--resolution", type=int, default=256)
+    exp.add_argument("--no-merged", action="store_true",
+                     help="skip the merged UNet graph (a cheaper export; the ov-merged form then reports an error)")
     mea = sub.add_parser("measure")
     mea.add_argument("bundle", type=Path)
     mea.add_argument("--forms", nargs="+", default=list(FORMS), choices=FORMS)
@@ -125,7 +127,7 @@ def main() -> None:
     one.add_argument("--schedule", default=SCHEDULE)
     args = parser.parse_args()
     if args.command == "export":
-        export(args.out, args.width, args.resolution)
+        export(args.out, args.width, args.resolution, merged=not args.no_merged)
     elif args.command == "one":
         print(json.dumps(measure_one(args.bundle, args.form, args.precision, args.schedule)))
     else:
