@@ -27,15 +27,13 @@ The caches (docs/pixart.md):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from diffusers import PixArtTransformer2DModel
 
 from postdiff.errors import InputError, ModelSourceError
-from postdiff.exporter.layered_unet import LayerPlan, _Replay, _Tap
+from postdiff.exporter.layered_unet import LayerPlan, _Replay, _Tap, attn2_processors
 from postdiff.runtime import names
 from postdiff.runtime.names import xattn_tensor_name
 
@@ -149,7 +147,7 @@ class LayeredPixArt(torch.nn.Module):
             processors = {name: _Replay(bound[xattn_tensor_name(name)]) for name in self.xattn_names}
         else:
             processors = {}
-        with self._attn2_processors(processors):
+        with attn2_processors(self.unet, processors):
             noise_pred, feature = self._run(bound)
         outputs = [noise_pred]
         if self.plan.deep == "write":
@@ -157,19 +155,6 @@ class LayeredPixArt(torch.nn.Module):
         if self.plan.xattn == "write":
             outputs += [taps[name] for name in self.xattn_names]
         return tuple(outputs)
-
-    @contextmanager
-    def _attn2_processors(self, processors: dict[str, Any]) -> Iterator[None]:
-        originals: dict[str, Any] = {}
-        try:
-            for name, processor in processors.items():
-                attn = self.unet.get_submodule(name)
-                originals[name] = attn.processor
-                attn.set_processor(processor)
-            yield
-        finally:
-            for name, processor in originals.items():
-                self.unet.get_submodule(name).set_processor(processor)
 
     def _run(self, bound: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``PixArtTransformer2DModel.forward`` (diffusers 0.42) in its op order, with the cut."""

@@ -61,6 +61,22 @@ _UNSUPPORTED_FIX = ("the layered (DeepCache / cross-attention caching) graphs su
 TEXT_TIME = "text_time"
 
 
+@contextmanager
+def attn2_processors(model: torch.nn.Module, processors: dict[str, Any]) -> Iterator[None]:
+    """Install ``processors`` on the named attention modules of ``model`` (the cross-attention taps
+    and replays of a layered trace); restore the originals on exit."""
+    originals: dict[str, Any] = {}
+    try:
+        for name, processor in processors.items():
+            attn = model.get_submodule(name)
+            originals[name] = attn.processor
+            attn.set_processor(processor)
+        yield
+    finally:
+        for name, processor in originals.items():
+            model.get_submodule(name).set_processor(processor)
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """What one traced graph computes.
@@ -506,7 +522,7 @@ class LayeredUNet(torch.nn.Module):
             processors = {name: _Replay(bound[xattn_tensor_name(name)]) for name in self.xattn_names}
         else:
             processors = {}
-        with self._attn2_processors(processors):
+        with attn2_processors(self.unet, processors):
             noise_pred, feature = self._run(bound[names.SAMPLE], bound[names.TIMESTEP],
                                             bound.get(names.CONTEXT), bound.get(names.DEEP_FEATURE),
                                             timestep_cond=bound.get(names.TIMESTEP_COND),
@@ -521,20 +537,6 @@ class LayeredUNet(torch.nn.Module):
                 raise RuntimeError(f"cross-attention modules {missing} were not called during the forward")
             outputs += [taps[name] for name in self.xattn_names]
         return tuple(outputs)
-
-    @contextmanager
-    def _attn2_processors(self, processors: dict[str, Any]) -> Iterator[None]:
-        """Install ``processors`` on the named attn2 modules; restore the originals on exit."""
-        originals: dict[str, Any] = {}
-        try:
-            for name, processor in processors.items():
-                attn = self.unet.get_submodule(name)
-                originals[name] = attn.processor
-                attn.set_processor(processor)
-            yield
-        finally:
-            for name, processor in originals.items():
-                self.unet.get_submodule(name).set_processor(processor)
 
     def _run(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None,
              cached: torch.Tensor | None, timestep_cond: torch.Tensor | None = None,

@@ -26,31 +26,34 @@ from postdiff.runtime.schedule import Schedule, Variant, latent_size, plan_steps
 CONTEXT_LEN = 77
 
 
-class ArchMacs:
-    """MACs per UNet variant of one built-in SDXL architecture at one full latent size (cached)."""
+class MetaMacs:
+    """MACs per denoiser variant of one architecture at one full ``latent`` size, counted on torch's
+    meta device under ``FlopCounterMode`` (FLOPs / 2) and cached. ``grid``: what a latent side must
+    divide by. A subclass says how one variant's layered module and its input shapes are built."""
 
-    def __init__(self, model: str, latent: tuple[int, int] | None = None) -> None:
-        config = unet_config(model)
-        with torch.device("meta"):
-            self.unet = UNet2DConditionModel(**config)
-        self.latent = latent or (config["sample_size"], config["sample_size"])
-        self.grid = 2 ** (len(config["block_out_channels"]) - 1)
+    def __init__(self, latent: tuple[int, int], grid: int) -> None:
+        self.latent = latent
+        self.grid = grid
         self._cache: dict[tuple, float] = {}
+
+    def _module(self, plan: LayerPlan) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def _input_shapes(self, module: torch.nn.Module, batch: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
+        raise NotImplementedError
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return torch.float32
 
     def variant(self, variant: Variant) -> float:
         """MACs of one evaluation of ``variant``."""
         h, w = latent_size(self.latent, variant.scale, self.grid)
         key = (h, w, variant.batch, variant.deep, variant.branch, variant.xattn)
         if key not in self._cache:
-            module = LayeredUNet(self.unet, LayerPlan(deep=variant.deep, branch=variant.branch, xattn=variant.xattn))
-            shapes = module.cache_shapes(variant.batch, h, w)
-            config = self.unet.config
-            pooled = self.unet.add_embedding.linear_1.in_features - 6 * config.addition_time_embed_dim
-            shapes.update({names.SAMPLE: (variant.batch, config.in_channels, h, w), names.TIMESTEP: (variant.batch,),
-                           names.CONTEXT: (variant.batch, CONTEXT_LEN, config.cross_attention_dim),
-                           names.TEXT_EMBEDS: (variant.batch, pooled), names.TIME_IDS: (variant.batch, 6)})
+            module = self._module(LayerPlan(deep=variant.deep, branch=variant.branch, xattn=variant.xattn))
+            shapes = self._input_shapes(module, variant.batch, h, w)
             with torch.device("meta"):
-                inputs = [torch.empty(shapes[name]) for name in module.input_names]
+                inputs = [torch.ones(shapes[name], dtype=self._dtype(name)) for name in module.input_names]
             with FlopCounterMode(display=False) as counter, torch.no_grad():
                 module(*inputs)
             self._cache[key] = counter.get_total_flops() / 2
@@ -60,6 +63,29 @@ class ArchMacs:
         """MACs of one generation of ``schedule`` (a switch's x̂0 evaluation included)."""
         return sum(self.variant(v) for plan in plan_steps(schedule) for v in (plan.switch_from, plan.variant)
                    if v is not None)
+
+
+class ArchMacs(MetaMacs):
+    """MACs per UNet variant of one built-in SDXL architecture at one full latent size (cached)."""
+
+    def __init__(self, model: str, latent: tuple[int, int] | None = None) -> None:
+        config = unet_config(model)
+        with torch.device("meta"):
+            self.unet = UNet2DConditionModel(**config)
+        super().__init__(latent or (config["sample_size"], config["sample_size"]),
+                         2 ** (len(config["block_out_channels"]) - 1))
+
+    def _module(self, plan: LayerPlan) -> torch.nn.Module:
+        return LayeredUNet(self.unet, plan)
+
+    def _input_shapes(self, module: torch.nn.Module, batch: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
+        config = self.unet.config
+        pooled = self.unet.add_embedding.linear_1.in_features - 6 * config.addition_time_embed_dim
+        shapes = module.cache_shapes(batch, h, w)
+        shapes.update({names.SAMPLE: (batch, config.in_channels, h, w), names.TIMESTEP: (batch,),
+                       names.CONTEXT: (batch, CONTEXT_LEN, config.cross_attention_dim),
+                       names.TEXT_EMBEDS: (batch, pooled), names.TIME_IDS: (batch, 6)})
+        return shapes
 
 
 def main(argv: list[str] | None = None) -> int:

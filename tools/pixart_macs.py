@@ -19,13 +19,12 @@ from typing import Any
 
 import torch
 from diffusers import PixArtTransformer2DModel
-from torch.utils.flop_counter import FlopCounterMode
 
 from postdiff.exporter.layered_pixart import LayeredPixArt
 from postdiff.exporter.layered_unet import LayerPlan
+from postdiff.tools.arch_macs import MetaMacs
 from postdiff.profiles.presets import resolve_schedule
 from postdiff.runtime import names
-from postdiff.runtime.schedule import Schedule, Variant, latent_size, plan_steps
 
 CONTEXT_LEN = 120
 # PixArt-XL-2-1024-MS transformer/config.json (diffusers' PixArt-alpha 1024 checkpoint).
@@ -52,41 +51,28 @@ def _builtin_config(model: str) -> tuple[dict[str, Any], int]:
     return config, 2 ** (len(spec["vae"]) - 1)
 
 
-class PixArtMacs:
+class PixArtMacs(MetaMacs):
     """MACs per transformer variant of one PixArt architecture at one full latent size (cached)."""
 
     def __init__(self, config: dict[str, Any], vae_scale: int, latent: tuple[int, int] | None = None) -> None:
         with torch.device("meta"):
             self.transformer = PixArtTransformer2DModel(**config)
         self.vae_scale = vae_scale
-        self.latent = latent or (config["sample_size"], config["sample_size"])
-        self._cache: dict[tuple, float] = {}
+        super().__init__(latent or (config["sample_size"], config["sample_size"]), int(config["patch_size"]))
 
-    def variant(self, variant: Variant) -> float:
-        """MACs of one evaluation of ``variant``."""
-        grid = int(self.transformer.config.patch_size)
-        h, w = latent_size(self.latent, variant.scale, grid)
-        key = (h, w, variant.batch, variant.deep, variant.branch, variant.xattn)
-        if key not in self._cache:
-            module = LayeredPixArt(self.transformer, LayerPlan(deep=variant.deep, branch=variant.branch,
-                                                                xattn=variant.xattn), self.vae_scale)
-            config = self.transformer.config
-            shapes = module.cache_shapes(variant.batch, h, w)
-            shapes.update({names.SAMPLE: (variant.batch, config.in_channels, h, w), names.TIMESTEP: (variant.batch,),
-                           names.CONTEXT: (variant.batch, CONTEXT_LEN, config.caption_channels),
-                           names.ENCODER_MASK: (variant.batch, CONTEXT_LEN)})
-            with torch.device("meta"):
-                inputs = [torch.ones(shapes[name], dtype=torch.int64 if name == names.ENCODER_MASK else torch.float32)
-                          for name in module.input_names]
-            with FlopCounterMode(display=False) as counter, torch.no_grad():
-                module(*inputs)
-            self._cache[key] = counter.get_total_flops() / 2
-        return self._cache[key]
+    def _module(self, plan: LayerPlan) -> torch.nn.Module:
+        return LayeredPixArt(self.transformer, plan, self.vae_scale)
 
-    def schedule(self, schedule: Schedule) -> float:
-        """MACs of one generation of ``schedule`` (a switch's x̂0 evaluation included)."""
-        return sum(self.variant(v) for plan in plan_steps(schedule) for v in (plan.switch_from, plan.variant)
-                   if v is not None)
+    def _input_shapes(self, module: torch.nn.Module, batch: int, h: int, w: int) -> dict[str, tuple[int, ...]]:
+        config = self.transformer.config
+        shapes = module.cache_shapes(batch, h, w)
+        shapes.update({names.SAMPLE: (batch, config.in_channels, h, w), names.TIMESTEP: (batch,),
+                       names.CONTEXT: (batch, CONTEXT_LEN, config.caption_channels),
+                       names.ENCODER_MASK: (batch, CONTEXT_LEN)})
+        return shapes
+
+    def _dtype(self, name: str) -> torch.dtype:
+        return torch.int64 if name == names.ENCODER_MASK else torch.float32
 
 
 def real_sizes() -> dict[str, int]:
