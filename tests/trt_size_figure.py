@@ -2,7 +2,9 @@
 with TensorRT-RTX (no GPU needed) under one set of builder settings and prints one JSON line with
 its bytes and build time.
 
-    python tests/trt_size_figure.py BUNDLE --unet merged --profiles batch [--opt-level 0] \\
+    python tests/trt_size_figure.py --make-narrow MODEL   # SD 1.5's UNet layout at widths 128/256/512/512
+    postdiff export MODEL --out B --resolution 256x256 --schedule postdiff-sd15 --schedule baseline --merged
+    python tests/trt_size_figure.py B --unet merged --profiles batch [--opt-level 0] \\
         [--max-tactics 1] [--no-jit-conv] [--schedule postdiff-sd15] [--sm 86]
 
 Not a test (pytest collects only test_*.py). Build times depend on the machine's load: say so.
@@ -23,7 +25,38 @@ from postdiff.runtime.compile import PROFILE_MODES, import_backend, plan_engines
 from postdiff.runtime.manifest import load_manifest
 
 
+def make_narrow(out: Path) -> None:
+    """A diffusers folder: SD 1.5's UNet layout (layers, attention, cross-attention 768) at block widths
+    128/256/512/512 (142 M parameters, 569 MB fp32), a 2-layer CLIP text encoder and a small VAE, random
+    weights (seed 0): a model whose UNet weights dominate its engine, small enough to export here."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from postdiff.exporter.models import SD1_SCHEDULER_CONFIG, _text_encoder, build_byte_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_byte_tokenizer()
+    text_encoder = _text_encoder(tokenizer, vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072,
+                                 num_attention_heads=12, num_hidden_layers=2, hidden_act="quick_gelu",
+                                 projection_dim=768)
+    unet = UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(128, 256, 512, 512), cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64, 64),
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, sample_size=256)
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    text_encoder.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "tokenizer")
+    (out / "scheduler").mkdir(parents=True, exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD1_SCHEDULER_CONFIG))
+    (out / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--make-narrow"] and len(argv) == 2:
+        make_narrow(Path(argv[1]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bundle")
     parser.add_argument("--unet", default="merged", choices=["merged", "variants"])
