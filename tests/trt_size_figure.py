@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from postdiff.profiles.presets import resolve_schedule
-from postdiff.runtime.compile import PROFILE_MODES, import_backend, plan_engines, wanted_variants
+from postdiff.runtime.engines import import_backend
+from postdiff.tools.compile import PROFILE_MODES, plan_engines, wanted_variants
 from postdiff.runtime.manifest import load_manifest
 
 
