@@ -230,7 +230,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     options = CompileOptions(bundle=Path(args.bundle), backend=args.backend, sm=args.sm,
                              schedules=tuple(resolve_schedule(s) for s in args.schedule or ()), unet=args.unet,
-                             opt_level=args.opt_level)
+                             opt_level=args.opt_level, profiles=args.profiles)
     started = time.perf_counter()
     report = compile_bundle(options, progress=not args.quiet)
     for name, entry in sorted(report.index.engines.items()):
@@ -455,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--opt-level", type=int, metavar="N",
                       help="TensorRT builder optimization level 0-5: lower builds faster, runs slower (default: the "
                            "builder's, 3); part of the cache key")
+    comp.add_argument("--profiles", default="static", choices=["static", "batch", "one"],
+                      help="the merged UNet engine's optimization profiles: static: one per (resolution, batch); "
+                           "batch: one per batch size, ranged over the resolutions; one: a single ranged profile. "
+                           "Fewer profiles, fewer kernels in the engine (docs/tensorrt.md) (default: static)")
     comp.add_argument("--quiet", action="store_true", help="no progress bars")
     comp.set_defaults(handler=_cmd_compile)
 

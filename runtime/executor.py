@@ -2,7 +2,10 @@
 
 The executor walks :func:`~postdiff.runtime.schedule.plan_steps` and, per step, picks the UNet graph
 the plan names, feeds it, keeps the cache tensors it emits (the DeepCache feature, the
-cross-attention maps) as numpy arrays until a later graph takes them, and advances the scheduler.
+cross-attention maps) until a later graph takes them, and advances the scheduler. What it keeps it
+keeps as ``value.copy()``: a runner owns its outputs and may reuse their buffers on its next call
+(the contract in :mod:`~postdiff.runtime.runners.base`); a device runner's caches stay on its
+device (numpy arrays on the host, device arrays elsewhere).
 It decides nothing: every choice was made when the schedule was built.
 
 A bundle may hold its UNet in two forms (see the manifest): one graph per variant, and the merged

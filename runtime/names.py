@@ -43,6 +43,14 @@ DEEP_FEATURE = "deep_feature"  # DeepCache feature: output of a deep write graph
 XATTN_PREFIX = "xattn/"  # cross-attention maps: "xattn/<attn2 module path>", outputs of write, inputs of read
 
 
+def is_cache(tensor: str) -> bool:
+    """Whether a graph output is a cache tensor (the DeepCache feature, a cross-attention map), as
+    a per-variant graph names it or as the merged graph does (``out/`` + that name): the outputs a
+    later step takes as inputs, which device runners keep in device memory."""
+    name = tensor[len("out/"):] if tensor.startswith("out/") else tensor
+    return name == DEEP_FEATURE or name.startswith(XATTN_PREFIX)
+
+
 def xattn_tensor_name(module_name: str) -> str:
     """Graph tensor name of one cross-attention cache, e.g. ``xattn/mid_block.attentions.0....attn2``: the
     output of a ``xattn="write"`` graph and the input of a ``xattn="read"`` one, handed over unchanged."""

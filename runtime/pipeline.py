@@ -89,7 +89,7 @@ class Pipeline:
     def __init__(self, bundle: Path, provider: str = "cpu", verify: bool = True,
                  shared_weights: bool | None = None, threads: int | None = None,
                  memory_budget_mb: float | None = None, precision: str = AUTO_PRECISION,
-                 unet: str = "auto") -> None:
+                 unet: str = "auto", iobinding: bool | None = None) -> None:
         """Load a bundle.
 
         Args:
@@ -107,6 +107,8 @@ class Pipeline:
             unet: which form of the UNet to run, per-variant graphs or the merged graph
                 (``executor.resolve_graphs``; default auto: per-variant where present; ``tensorrt``: the
                 merged engine when `postdiff compile` built one).
+            iobinding: ONNX Runtime through IOBinding, caches kept on the provider's device between
+                steps (:mod:`.runners.ort`); None: on for GPU providers (``cuda``), off on the CPU.
         """
         started = time.perf_counter()
         self.bundle = Path(bundle)
@@ -123,6 +125,7 @@ class Pipeline:
         if verify:
             verify_bundle(self.bundle, self.manifest)
         self.provider = provider
+        self.iobinding = iobinding
         self.tokenizer = PromptTokenizer(self.manifest.tokenizer, self.bundle)
         self.timings: dict[str, float] = {"verify_s": time.perf_counter() - started, "sessions_s": 0.0}
         self._precisions: dict[str, str] = {}
@@ -184,7 +187,8 @@ class Pipeline:
 
                 shared = self._pool.initializers(spec) if self._pool is not None else None
                 self._runners[key] = OrtRunner(spec, self.bundle, self.provider, shared, self._threads,
-                                               prepack=name not in TEXT_ENCODERS, arena=self.memory_budget_mb is None)
+                                               prepack=name not in TEXT_ENCODERS, arena=self.memory_budget_mb is None,
+                                               iobinding=self.iobinding)
             self.timings["sessions_s"] += time.perf_counter() - started
             self._precisions[key] = self._runners[key].precision
         return self._runners[key]

@@ -92,6 +92,31 @@ def test_interrupted_compile_leaves_no_half_engine(sd15_bundle: Path, tmp_path: 
     assert list(load_engines(bundle).engines) == built  # what finished is listed and reusable
 
 
+@pytest.mark.parametrize("mode", ["static", "batch", "one"])
+def test_merged_profiles_hold_every_served_shape(sd15_bundle: Path, mode: str) -> None:
+    """Each served variant is in exactly one profile, whose ranges hold every input and placeholder it
+    feeds; ranged modes have fewer profiles (fewer kernels: docs/tensorrt.md)."""
+    manifest = load_manifest(sd15_bundle)
+    spec = manifest.graph("unet-merged")
+    served = list(spec.merged.serves)
+    profiles = compile_module.merged_profiles(spec, served, mode)
+    expected = {"static": len({(s.variant.latent, s.variant.batch) for s in served}),
+                "batch": len({s.variant.batch for s in served}), "one": 1}[mode]
+    assert len(profiles) == expected
+    for s in served:
+        holding = [p for p in profiles if compile_module.variant_name(s.variant) in p.serves]
+        assert len(holding) == 1
+        for tensor in (*s.inputs, *s.placeholders):
+            r = holding[0].shapes.get(tensor.name)
+            if r is None:
+                assert -1 not in spec.input(tensor.name).shape  # only free inputs are profiled
+                continue
+            assert all(lo <= d <= hi for lo, d, hi in zip(r.min, tensor.shape, r.max)), (mode, tensor.name)
+            assert r.opt == r.max and (mode != "static" or r.min == r.max)
+    with pytest.raises(InputError, match="--profiles 'dynamic' is not one of"):
+        compile_module.merged_profiles(spec, served, "dynamic")
+
+
 def test_compile_option_errors(tiny_bundle: Path) -> None:
     with pytest.raises(InputError, match="not one of"):
         import_backend("onnx")

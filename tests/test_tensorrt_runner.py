@@ -43,3 +43,24 @@ def test_generate_with_tensorrt_needs_compiled_engines(tiny_bundle: Path, tmp_pa
     assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "postdiff compile" in err and not (tmp_path / "x.png").exists()
+
+
+def test_profile_selection_takes_static_and_ranged_profiles() -> None:
+    """The runner picks, without a GPU, the first profile whose ranges hold the fed shapes."""
+    from postdiff.errors import InputError
+    from postdiff.runtime.engines import Profile, ShapeRange
+    from postdiff.runtime.runners.tensorrt import _Engine
+
+    engine = _Engine.__new__(_Engine)  # no deserialization: only the profiles matter here
+    engine.profiles = (
+        Profile(serves=("unet-32x32-b1",), shapes={"sample": ShapeRange((1, 4, 32, 32), (1, 4, 32, 32), (1, 4, 32, 32))}),
+        Profile(serves=("unet-16x16-b2", "unet-32x32-b2"),
+                shapes={"sample": ShapeRange((2, 4, 16, 16), (2, 4, 32, 32), (2, 4, 32, 32))}),
+    )
+    assert engine.select_profile({"sample": (1, 4, 32, 32), "timestep": (1,)}) == 0
+    assert engine.select_profile({"sample": (2, 4, 16, 16)}) == 1
+    assert engine.select_profile({"sample": (2, 4, 24, 32)}) == 1
+    with pytest.raises(InputError, match="no optimization profile"):
+        engine.select_profile({"sample": (1, 4, 16, 16)})
+    with pytest.raises(InputError, match="no optimization profile"):
+        engine.select_profile({"sample": (2, 4, 48, 48)})

@@ -51,6 +51,7 @@ class CompileOptions:
     schedules: tuple[Schedule, ...] = ()  # () = every UNet variant the bundle holds
     unet: str = "auto"  # merged (one engine) | variants (one engine per graph) | auto: merged when exported
     opt_level: int | None = None  # TensorRT builder optimization level 0-5 (None: the builder's default, 3)
+    profiles: str = "static"  # the merged engine's optimization profiles (merged_profiles)
 
 
 @dataclass(frozen=True)
@@ -112,19 +113,30 @@ def variant_name(variant: UNetVariant) -> str:
     return unet_graph_name(variant.latent, variant.batch, variant.deep, variant.branch, variant.xattn)
 
 
-def merged_profiles(spec: GraphSpec, served: list[ServedVariant]) -> tuple[Profile, ...]:
-    """One optimization profile per (latent, batch) of ``served``, static (min = opt = max): every free
-    input of the merged graph at the shape the variants of that profile feed it, as input or as
-    placeholder (ServedVariant.placeholders). TensorRT checks every ``If`` branch against the profile's
-    shapes, so they must be consistent for all branches, not only the one a variant takes.
+PROFILE_MODES = ("static", "batch", "one")
+
+
+def merged_profiles(spec: GraphSpec, served: list[ServedVariant], mode: str = "static") -> tuple[Profile, ...]:
+    """The optimization profiles of the merged UNet engine. ``mode`` groups the served variants:
+    ``static``: one profile per (latent, batch), min = opt = max; ``batch``: one per batch size,
+    ranged over the latent sizes; ``one``: a single profile ranged over all of them. Every free input
+    of the merged graph is set to the shapes the variants of a profile feed it, as input or as
+    placeholder (ServedVariant.placeholders): TensorRT checks every ``If`` branch against the profile,
+    not only the branch a variant takes. A ranged profile spans the elementwise min and max of those
+    shapes, opt = max. TensorRT compiles every branch once per profile, so fewer profiles mean fewer
+    kernels in the engine (docs/tensorrt.md, figures).
 
     Raises:
-        BundleError: two variants of one profile feed an input different shapes (e.g. the features of
-            two DeepCache branches at one resolution); compile those schedules separately.
+        InputError: an unknown ``mode``.
+        BundleError: (static) two variants of one profile feed an input different shapes (e.g. the
+            features of two DeepCache branches at one resolution); compile those schedules separately.
     """
-    groups: dict[tuple[tuple[int, int], int], list[ServedVariant]] = {}
+    if mode not in PROFILE_MODES:
+        raise InputError(f"--profiles '{mode}' is not one of {list(PROFILE_MODES)}")
+    group_of = {"static": lambda v: (v.latent, v.batch), "batch": lambda v: v.batch, "one": lambda v: 0}[mode]
+    groups: dict[Any, list[ServedVariant]] = {}
     for s in sorted(served, key=lambda s: (s.variant.latent, s.variant.batch)):
-        groups.setdefault((s.variant.latent, s.variant.batch), []).append(s)
+        groups.setdefault(group_of(s.variant), []).append(s)
     free = {t.name for t in spec.inputs if DYNAMIC in t.shape}
     profiles = []
     for members in groups.values():
@@ -134,16 +146,20 @@ def merged_profiles(spec: GraphSpec, served: list[ServedVariant]) -> tuple[Profi
                 if tensor.name not in free:
                     continue
                 known = shapes.setdefault(tensor.name, ShapeRange(tensor.shape, tensor.shape, tensor.shape))
-                if known.opt != tensor.shape:
+                if mode == "static" and known.opt != tensor.shape:
                     raise BundleError(
                         f"the merged UNet's input {tensor.name} takes shapes {known.opt} and {tensor.shape} in one "
                         f"profile ({variant_name(member.variant)}); one engine cannot serve both: compile the "
                         "schedules that need them separately (--schedule)")
+                low = tuple(map(min, known.min, tensor.shape))
+                high = tuple(map(max, known.max, tensor.shape))
+                shapes[tensor.name] = ShapeRange(low, high, high)
         profiles.append(Profile(serves=tuple(variant_name(s.variant) for s in members), shapes=shapes))
     return tuple(profiles)
 
 
-def plan_engines(manifest: Manifest, variants: list[UNetVariant], unet: str) -> list[EnginePlan]:
+def plan_engines(manifest: Manifest, variants: list[UNetVariant], unet: str,
+                 profiles: str = "static") -> list[EnginePlan]:
     """The engines a compile builds: text encoder and decoder, and the UNet as ``unet`` says.
 
     Raises:
@@ -166,7 +182,7 @@ def plan_engines(manifest: Manifest, variants: list[UNetVariant], unet: str) -> 
                               "and --merged")
         spec = manifest.graph(merged)
         plans.append(EnginePlan(merged, merged, tuple(variant_name(v) for v in variants),
-                                merged_profiles(spec, served)))
+                                merged_profiles(spec, served, profiles)))
         return plans
     for variant in variants:
         name = manifest.unet_graph(variant)
@@ -184,7 +200,7 @@ def compile_bundle(options: CompileOptions, progress: bool = True) -> CompileRep
     manifest = load_manifest(bundle)
     trt = import_backend(options.backend)
     sm = target_of(options)
-    plans = plan_engines(manifest, wanted_variants(manifest, options.schedules), options.unet)
+    plans = plan_engines(manifest, wanted_variants(manifest, options.schedules), options.unet, options.profiles)
     folder = bundle / ENGINES_DIR
     folder.mkdir(exist_ok=True)
     previous = _previous(bundle, manifest)

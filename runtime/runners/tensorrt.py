@@ -122,12 +122,13 @@ class _Engine:
         return self.engine.get_tensor_mode(name) == self.trt.TensorIOMode.INPUT
 
     def select_profile(self, shapes: Mapping[str, tuple[int, ...]]) -> int:
-        """The optimization profile whose (static) shapes are exactly ``shapes``; 0 for an engine without
-        profiles (static graph)."""
+        """The first optimization profile whose ranges hold ``shapes`` (a static profile: exactly its
+        shapes); 0 for an engine without profiles (static graph)."""
         if not self.profiles:
             return 0
         for index, profile in enumerate(self.profiles):
-            if all(tuple(shapes[n]) == tuple(r.opt) for n, r in profile.shapes.items() if n in shapes):
+            if all(len(shapes[n]) == len(r.min) and all(lo <= s <= hi for lo, s, hi in zip(r.min, shapes[n], r.max))
+                   for n, r in profile.shapes.items() if n in shapes):
                 return index
         raise InputError(f"no optimization profile of this engine takes the shapes {dict(shapes)}; "
                          "compile the bundle for this schedule (`postdiff compile --schedule ...`)")
