@@ -269,7 +269,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         resolution = parse_resolution(args.resolution)
     options = BenchOptions(
         model=args.model, bundle=Path(args.bundle) if args.bundle else None,
-        schedules=tuple(args.schedule or ("postdiff-sd15",)), resolution=resolution, scheduler=args.scheduler,
+        schedules=tuple(args.schedule or ("postdiff-sd15",)), baseline=args.baseline, resolution=resolution,
+        scheduler=args.scheduler,
         seed=args.seed, repeats=args.repeats, weights=args.weights, diffusers=not args.no_diffusers,
         device=Path(args.device) if args.device else None, prompt=args.prompt, memory_budget_mb=args.memory_budget,
         unet=args.unet, providers=tuple(args.provider or (DEFAULT_PROVIDER,)), precisions=tuple(args.precision or (AUTO_PRECISION,)))
@@ -519,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--schedule", action="append", metavar="SCHEDULE",
                        help="schedule (preset or file) to time against the baseline; repeatable "
                             "(default: postdiff-sd15)")
+    bench.add_argument("--baseline", default="baseline", metavar="SCHEDULE",
+                       help="the reference schedule (preset or file) every row is compared with, and the one "
+                            "diffusers runs (default: baseline, 20 guided steps; an LCM model: lcm-4)")
     bench.add_argument("--resolution", metavar="HxW", help="export resolution in pixels (default: the model's)")
     bench.add_argument("--scheduler", choices=list(SCHEDULERS),
                        help="sampler (default: the one the model ships)")

@@ -39,6 +39,17 @@ def test_rows_compare_diffusers_baseline_and_schedule(report: dict) -> None:
     assert max(base["peak_rss_mb"], fast["peak_rss_mb"]) < theirs["peak_rss_mb"]
 
 
+def test_an_lcm_is_measured_against_its_own_baseline(tmp_path: Path) -> None:
+    """An LCM runs no classifier-free guidance: --baseline lcm-4 makes its 4 steps the reference row,
+    and diffusers' LCM pipeline runs the same 4 steps (its final latents compared with ours)."""
+    report = bench(BenchOptions(model="random:tiny-lcm", bundle=tmp_path / "lcm", baseline="lcm-4",
+                                schedules=("postdiff-lcm",), repeats=1), progress=False)
+    rows = {r["row"]: r for r in report["rows"]}
+    assert list(rows) == ["diffusers:lcm-4", "runtime:lcm-4", "runtime:postdiff-lcm"] and report["baseline"] == "lcm-4"
+    assert rows["runtime:lcm-4"]["max_abs_diff_vs_diffusers"] <= 1e-4
+    assert rows["runtime:postdiff-lcm"]["rel_l2_vs_baseline"] > 0  # another schedule, another image
+
+
 def test_report_table_names_every_row(report: dict) -> None:
     table = format_report(report)
     for row in report["rows"]:

@@ -2,7 +2,9 @@
 
 Rows, each measured in a child process of its own (so that its peak resident memory is its own):
 
-* ``runtime:baseline`` -- the 20-step baseline schedule through :class:`~postdiff.runtime.pipeline.Pipeline`;
+* ``runtime:baseline`` -- the 20-step baseline schedule through :class:`~postdiff.runtime.pipeline.Pipeline`
+  (``--baseline`` names another reference schedule, and the rows take its name: an LCM model, which
+  runs no classifier-free guidance, is measured against ``lcm-4``);
 * ``diffusers:baseline`` -- the same generation in PyTorch through diffusers
   (:func:`~postdiff.exporter.torch_reference.diffusers_generate`), from the runtime's initial latents; the
   final latents of the two are compared, so that a speed figure never hides a wrong result;
@@ -69,6 +71,7 @@ class BenchOptions:
     model: str | None = None  # model source (for the export and the diffusers row)
     bundle: Path | None = None
     schedules: tuple[str, ...] = ("postdiff-sd15",)
+    baseline: str = BASELINE  # the reference schedule every row is compared with (LCM models: lcm-4)
     resolution: tuple[int, int] | None = None  # export resolution (pixels); None: the model's
     scheduler: str | None = None  # a key of SCHEDULERS; None: the sampler the bundle's model ships
     seed: int = 0
@@ -316,7 +319,7 @@ def diffusers_source(options: BenchOptions, manifest: Manifest) -> str:
 def bench(options: BenchOptions, progress: bool = True) -> dict:
     """Measure every row (see the module docstring) and return the report."""
     check_options(options)
-    specs = [BASELINE] + [s for s in options.schedules if s != BASELINE]
+    specs = [options.baseline] + [s for s in options.schedules if s != options.baseline]
     plans = [resolve_schedule(spec) for spec in specs]  # ScheduleError for a bad name, before any export
     profile = load_device_profile(options.device) if options.device is not None else None
     with tempfile.TemporaryDirectory(prefix="postdiff-bench-") as scratch_dir:
@@ -341,8 +344,9 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
         # (label, index into plans or None for diffusers, provider, precision); diffusers starts from the
         # baseline's latents
         reference = options.providers[0]
-        order = [(f"runtime:{BASELINE}", 0, reference, AUTO_PRECISION)] + \
-                ([("diffusers:baseline", None, "", "")] if model else []) + \
+        base = plans[0].name
+        order = [(f"runtime:{base}", 0, reference, AUTO_PRECISION)] + \
+                ([(f"diffusers:{base}", None, "", "")] if model else []) + \
                 [(f"runtime:{plan.name}", i, reference, AUTO_PRECISION) for i, plan in enumerate(plans) if i > 0]
         for provider, precision in provider_rows(options):
             order += [(f"{row_prefix(provider, precision)}:{plan.name}", i, provider, precision)
@@ -373,7 +377,7 @@ def bench(options: BenchOptions, progress: bool = True) -> dict:
             row["final"] = np.load(save / "final.npy")
             rows[label] = row
         bar.close()
-    return _report(options, manifest, rows, prompt)
+    return _report(options, manifest, rows, prompt, plans[0].name)
 
 
 def provider_rows(options: BenchOptions) -> list[tuple[str, str]]:
@@ -399,12 +403,13 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm((a - b).ravel()) / max(np.linalg.norm(b.ravel()), 1e-30))
 
 
-def _report(options: BenchOptions, manifest: Manifest, rows: dict[str, dict], prompt: str) -> dict:
-    """Ratios against the runtime baseline and diffusers; the final-latent difference of the two."""
+def _report(options: BenchOptions, manifest: Manifest, rows: dict[str, dict], prompt: str, baseline: str) -> dict:
+    """Ratios against the runtime baseline (schedule ``baseline``) and diffusers; the final-latent
+    difference of the two."""
     import onnxruntime as ort
 
-    base = rows[f"runtime:{BASELINE}"]
-    theirs = rows.get("diffusers:baseline")
+    base = rows[f"runtime:{baseline}"]
+    theirs = rows.get(f"diffusers:{baseline}")
     finals = {label: row["final"] for label, row in rows.items()}
     same_on_reference = {row["schedule"]: finals[label] for label, row in rows.items()
                          if label.startswith("runtime:")}
@@ -414,7 +419,7 @@ def _report(options: BenchOptions, manifest: Manifest, rows: dict[str, dict], pr
         if "schedule" in row:
             row["sessions_pss_mb"] = row["sessions_anon_mb"] + row["sessions_file_mb"]
             row["sessions_x_weights"] = row["sessions_pss_mb"] / row["unet_weights_mb"]
-            row["rel_l2_vs_baseline"] = rel_l2(final, finals[f"runtime:{BASELINE}"])
+            row["rel_l2_vs_baseline"] = rel_l2(final, finals[f"runtime:{baseline}"])
             if not label.startswith("runtime:"):
                 row["rel_l2_vs_reference"] = rel_l2(final, same_on_reference[row["schedule"]])
         out = {"row": label, **{k: _round(v) for k, v in row.items()},
@@ -425,17 +430,17 @@ def _report(options: BenchOptions, manifest: Manifest, rows: dict[str, dict], pr
             out["mac_predicted_speedup"] = round(base["unet_gmacs"] / row["unet_gmacs"], 3)
         if "predicted_ms" in row:  # the device profile's prediction vs this run: + = predicted slower
             out["prediction_error"] = round(row["predicted_ms"] / (1e3 * row["wall_s"]) - 1, 3)
-        if label == f"runtime:{BASELINE}" and theirs is not None:
+        if label == f"runtime:{baseline}" and theirs is not None:
             out["max_abs_diff_vs_diffusers"] = float(np.max(np.abs(final - theirs["final"])))
         report_rows.append(out)
-    report_rows.sort(key=lambda r: (not r["row"].startswith("diffusers"), r["row"] != f"runtime:{BASELINE}",
+    report_rows.sort(key=lambda r: (not r["row"].startswith("diffusers"), r["row"] != f"runtime:{baseline}",
                                     not r["row"].startswith("runtime:")))
     return {"machine": f"{cpu_model()} ({os.cpu_count()} cores), {platform.system()}",
             "onnxruntime": ort.__version__, "openvino": _openvino_version(options), "model": manifest.model.source,
             "resolution": f"{manifest.model.height}x{manifest.model.width}",
             "bundle": str(options.bundle) if options.bundle else None,
             "scheduler": options.scheduler, "prompt": prompt, "seed": options.seed, "repeats": options.repeats,
-            "rows": report_rows}
+            "baseline": baseline, "rows": report_rows}
 
 
 def _openvino_version(options: BenchOptions) -> str | None:
@@ -480,7 +485,7 @@ def format_report(report: dict) -> str:
         lines.append(f"{r['row']:<{width}}" + "".join(cells))
     lines.append("sess. MB: memory the schedule's graphs hold once opened and run (proportional set, anonymous + "
                  "mapped files); x weights: that over one UNet's weights")
-    lines.append("drift/base: ||final - runtime:baseline final|| / ||...||; drift/ORT: the same against this "
+    lines.append("drift/base: ||final - the runtime's baseline final|| / ||...||; drift/ORT: the same against this "
                  "schedule's own runtime: row (ONNX Runtime fp32)")
     lines += [f"{r['row']} vs diffusers: final latents max abs diff {r['max_abs_diff_vs_diffusers']:.2e}"
               for r in report["rows"] if "max_abs_diff_vs_diffusers" in r]
