@@ -11,7 +11,11 @@ import pytest
 from postdiff.cli import main
 from postdiff.errors import InputError
 from postdiff.runtime.tokenizer import label_id
+from postdiff.profiles.presets import SCHEDULES_DIR
 from postdiff.tools.evaluate import CLASSIFIER
+
+# The demo's `tuned` row must run this committed file (tools/figures/tune_digits.sh made it).
+TUNED_FILE = SCHEDULES_DIR.parent / "tuned" / "digits-cpu-2core.json"
 
 LABELS = tuple(str(i) for i in range(10))
 
@@ -35,7 +39,17 @@ def test_demo_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "1,000 held-out real MNIST digits" in table
     results = json.loads((out / "results.json").read_text())
     runs = {run["name"]: run for run in results["runs"]}
-    assert list(runs) == ["baseline", "fewer-steps", "postdiff"]
+    assert list(runs) == ["baseline", "fewer-steps", "postdiff", "tuned"]
+    # the tuned row is the committed schedule, step for step, and says where it was tuned
+    committed = json.loads(TUNED_FILE.read_text())
+    assert runs["tuned"]["schedule"] == TUNED_FILE.name and runs["tuned"]["steps"] == committed["steps"]
+    presets = {name: json.loads((SCHEDULES_DIR / f"{name}.json").read_text())["steps"]
+               for name in ("baseline", "fewer-steps", "postdiff-sd15")}
+    assert committed["steps"] not in presets.values()  # tuned, not a preset under another name
+    for name, preset in (("baseline", "baseline"), ("fewer-steps", "fewer-steps"), ("postdiff", "postdiff-sd15")):
+        assert runs[name]["steps"] == presets[preset], name
+    assert "tuned on the reference machine (2-core Intel Xeon VM)" in table and TUNED_FILE.name in table
+    assert committed["name"] in json.loads((out / "bundle" / "manifest.json").read_text())["schedules"]
     for name, run in runs.items():
         assert name in table
         assert set(run) >= {"name", "latency_s", "speedup", "macs", "adherence", "digit_fid", "psnr_db", "ssim"}
@@ -43,7 +57,8 @@ def test_demo_on_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     # fewer-steps calls the baseline's one UNet graph 8 times instead of 20
     assert runs["fewer-steps"]["macs"] * 20 == base["macs"] * 8
     assert runs["postdiff"]["macs"] < runs["fewer-steps"]["macs"]
-    for name in ("fewer-steps", "postdiff"):  # scored against the baseline's images, not their own
+    assert runs["tuned"]["macs"] < base["macs"]  # tuned for a speed-up over the baseline
+    for name in ("fewer-steps", "postdiff", "tuned"):  # scored against the baseline's images, not their own
         assert runs[name]["psnr_db"] is not None and runs[name]["ssim"] < 1.0, name
     assert base["adherence"] >= 0.8  # a trained model, not noise
     assert (out / "grid.png").stat().st_size > 0

@@ -100,14 +100,14 @@ def test_a_corrupted_bundle_is_refused_with_2(capsys, command: str, corrupted: P
         "demo": ["demo", "--samples", "2", "--out", str(tmp_path / "demo")],
     }[command]
     if command == "demo":  # the demo reuses a bundle of its model that is already in --out
-        from postdiff.tools.demo import SCHEDULES
+        from postdiff.tools.demo import demo_schedules
 
         (tmp_path / "demo").mkdir()
         shutil.move(corrupted, tmp_path / "demo" / "bundle")
         manifest_path = tmp_path / "demo" / "bundle" / "manifest.json"
         manifest = json.loads(manifest_path.read_text())
         manifest["model"]["source"] = "digits"
-        manifest["schedules"] = [preset for _, preset in SCHEDULES]
+        manifest["schedules"] = [schedule.name for _, _, schedule in demo_schedules("digits")]
         manifest_path.write_text(json.dumps(manifest))
     code, text = run(capsys, *argv, "--quiet")
     assert code == 2 and "vae_decoder.onnx is corrupted: sha256" in text

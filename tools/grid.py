@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 CHAR_WIDTH, LINE_HEIGHT = 7, 13
 
 
-def _wrap(text: str, chars: int) -> list[str]:
+def wrap(text: str, chars: int) -> list[str]:
     """``text`` broken at spaces into lines of at most ``chars`` characters (longer words are cut)."""
     lines: list[str] = []
     for word in text.split():
@@ -22,7 +22,8 @@ def _wrap(text: str, chars: int) -> list[str]:
 
 def make_grid(rows: list[list[np.ndarray]], labels: list[str], scale: int = 1, pad: int = 2,
               column_labels: list[str] | None = None, corner: str = "") -> Image.Image:
-    """Lay out ``rows`` of (H, W, C) uint8 images; ``labels[i]`` is written left of row i and
+    """Lay out ``rows`` of (H, W, C) uint8 images; ``labels[i]`` is written left of row i (a newline
+    in it starts another line) and
     ``column_labels[j]`` (if given) above column j, wrapped to the column's width; ``corner`` above
     the row labels.
 
@@ -30,9 +31,9 @@ def make_grid(rows: list[list[np.ndarray]], labels: list[str], scale: int = 1, p
     """
     height, width = rows[0][0].shape[:2]
     height, width = height * scale, width * scale
-    label_width = 8 + CHAR_WIDTH * max(len(label) for label in labels + [corner])
+    label_width = 8 + CHAR_WIDTH * max(len(line) for label in labels + [corner] for line in label.split("\n"))
     columns = max(len(row) for row in rows)
-    headings = [_wrap(text, max(1, width // CHAR_WIDTH)) for text in column_labels or []]
+    headings = [wrap(text, max(1, width // CHAR_WIDTH)) for text in column_labels or []]
     header = 4 + LINE_HEIGHT * max((len(h) for h in headings), default=0) if headings else 0
     canvas = Image.new("RGB", (label_width + columns * (width + pad), header + len(rows) * (height + pad)), "white")
     draw = ImageDraw.Draw(canvas)
@@ -42,7 +43,8 @@ def make_grid(rows: list[list[np.ndarray]], labels: list[str], scale: int = 1, p
             draw.multiline_text((label_width + c * (width + pad), 2), "\n".join(lines), fill="black", spacing=2)
     for r, (row, label) in enumerate(zip(rows, labels)):
         top = header + r * (height + pad)
-        draw.text((4, top + height // 2 - 5), label, fill="black")
+        lines = label.count("\n") + 1
+        draw.multiline_text((4, top + height // 2 - 5 - (lines - 1) * LINE_HEIGHT // 2), label, fill="black", spacing=2)
         for c, pixels in enumerate(row):
             image = Image.fromarray(pixels if pixels.shape[-1] == 3 else pixels[..., 0]).convert("RGB")
             image = image.resize((width, height), Image.NEAREST)
