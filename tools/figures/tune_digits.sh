@@ -17,7 +17,7 @@ repeats=${REPEATS:-20}
 export HF_HUB_OFFLINE=1
 profile=profiles/devices/cpu-2core-digits.json
 tuned=profiles/tuned/digits-cpu-2core.json
-mkdir -p "$work" profiles/tuned
+mkdir -p "$work/tuned" profiles/tuned
 
 if [ ! -f "$work/digits.bundle/manifest.json" ]; then
   postdiff export digits --out "$work/digits.bundle" --tuning-space --quiet
