@@ -7,12 +7,12 @@
 # this there, on a quiet machine, to re-measure them (the timing is the point of the profile).
 #
 # Usage: tools/figures/tune_digits.sh [WORKDIR]     (WORKDIR keeps the bundle and tune-cache.jsonl; default: a
-#        temporary folder). Environment: SPEEDUP (2.5), CALIB (128, tune's default), REPEATS (20).
+#        temporary folder). Environment: SPEEDUP (2.5), CALIB (32: what the committed schedule used; tune's own default is 128), REPEATS (20).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 work=${1:-$(mktemp -d)}
 speedup=${SPEEDUP:-2.5}
-calib=${CALIB:-128}
+calib=${CALIB:-32}
 repeats=${REPEATS:-20}
 export HF_HUB_OFFLINE=1
 profile=profiles/devices/cpu-2core-digits.json
