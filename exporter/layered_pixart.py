@@ -33,7 +33,7 @@ import torch
 from diffusers import PixArtTransformer2DModel
 
 from postdiff.errors import InputError, ModelSourceError
-from postdiff.exporter.layered_unet import LayerPlan, _Replay, _Tap, attn2_processors
+from postdiff.exporter.layered_unet import LayerPlan, _Replay, _Tap, attn2_processors, cache_role_io
 from postdiff.runtime import names
 from postdiff.runtime.names import xattn_tensor_name
 
@@ -97,15 +97,8 @@ class LayeredPixArt(torch.nn.Module):
         self.input_names: list[str] = [names.SAMPLE, names.TIMESTEP]
         if plan.xattn != "read" and computed:  # branch-0 reads compute no block: no cross-attention at all
             self.input_names += [names.CONTEXT, names.ENCODER_MASK]
-        if plan.deep == "read":
-            self.input_names.append(names.DEEP_FEATURE)
-        if plan.xattn == "read":
-            self.input_names += cache_names
-        self.output_names: list[str] = [names.NOISE_PRED]
-        if plan.deep == "write":
-            self.output_names.append(names.DEEP_FEATURE)
-        if plan.xattn == "write":
-            self.output_names += cache_names
+        cache_inputs, self.output_names = cache_role_io(plan, cache_names)
+        self.input_names += cache_inputs
 
     @property
     def width(self) -> int:

@@ -109,6 +109,16 @@ class LayerPlan:
                              "expected a non-negative int (0 = shallowest skip connection)")
 
 
+def cache_role_io(plan: LayerPlan, xattn_names: list[str]) -> tuple[list[str], list[str]]:
+    """The cache inputs a graph of ``plan`` reads and all the outputs it writes (noise_pred first),
+    by the cache-role contract (docs/cache-roles.md): a DeepCache read takes the feature a write
+    emits; a cross-attention read takes the maps (``xattn_names``) a write emits."""
+    inputs = ([names.DEEP_FEATURE] if plan.deep == "read" else []) + (list(xattn_names) if plan.xattn == "read" else [])
+    outputs = [names.NOISE_PRED] + ([names.DEEP_FEATURE] if plan.deep == "write" else []) + \
+        (list(xattn_names) if plan.xattn == "write" else [])
+    return inputs, outputs
+
+
 # ---------------------------------------------------------------------------------------------
 # The UNet's layer schedule
 
@@ -412,15 +422,8 @@ class LayeredUNet(torch.nn.Module):
             self.input_names.append(names.CONTEXT)
         if self._topo.pooled_dim:
             self.input_names += [names.TEXT_EMBEDS, names.TIME_IDS]
-        if plan.deep == "read":
-            self.input_names.append(names.DEEP_FEATURE)
-        if plan.xattn == "read":
-            self.input_names += cache_names
-        self.output_names: list[str] = [names.NOISE_PRED]
-        if plan.deep == "write":
-            self.output_names.append(names.DEEP_FEATURE)
-        if plan.xattn == "write":
-            self.output_names += cache_names
+        cache_inputs, self.output_names = cache_role_io(plan, cache_names)
+        self.input_names += cache_inputs
 
     # -- shapes ------------------------------------------------------------------------------
 

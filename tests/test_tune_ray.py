@@ -128,25 +128,28 @@ def test_ctrl_c_leaves_the_cache_consistent_and_a_rerun_computes_only_the_rest(
         tiny_postdiff_bundle: Path, device: Path, tmp_path: Path, cluster: str) -> None:
     out, cache = tmp_path / "tuned.json", tmp_path / "tune-cache.jsonl"
     # The command line in a child process, on the tests' small candidate space (as test_tune does it).
-    script = ("import sys; from postdiff.cli import main; from postdiff.tools import tune; "
-              "pool = [c for c in tune.candidates() if c.name in sys.argv[1].split(',')]; "
-              "tune.candidates = lambda *args, **kwargs: pool; "
-              # each recorded result then takes a second, so that the SIGINT below lands mid-run even
-              # on a fast quiet machine (recording happens in this, the tuner's, process)
-              "import time; add = tune.TuneCache.add; "
-              "tune.TuneCache.add = lambda self, record: (add(self, record), time.sleep(1.0))[0]; "
-              "sys.exit(main(sys.argv[2:]))")
+    # Ctrl-C is a real SIGINT, sent by the child to itself right after the tuner has recorded its first
+    # result: mid-run on any machine (sent from outside, it raced a fast quiet run to its end).
+    script = "\n".join([
+        "import os, signal, sys",
+        "from postdiff.cli import main",
+        "from postdiff.tools import tune",
+        "pool = [c for c in tune.candidates() if c.name in sys.argv[1].split(',')]",
+        "tune.candidates = lambda *args, **kwargs: pool",
+        "add, recorded = tune.TuneCache.add, []",
+        "def add_then_interrupt(self, record):",
+        "    add(self, record)",
+        "    recorded.append(record)",
+        "    if len(recorded) == 1:",
+        "        os.kill(os.getpid(), signal.SIGINT)",
+        "tune.TuneCache.add = add_then_interrupt",
+        "sys.exit(main(sys.argv[2:]))"])
     command = [sys.executable, "-c", script, ",".join(PRESET_LIKE),
                "tune", str(tiny_postdiff_bundle), "--device", str(device), "--speedup", "1.2", "--calib", "4",
                "--timing-runs", "1", "--out", str(out), "--quiet", "--workers", "2", f"--ray={cluster}"]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not (cache.is_file() and cache.read_text().count("\n") >= 1):
-            assert child.poll() is None and time.monotonic() < deadline, child.communicate()
-            time.sleep(0.05)
-        child.send_signal(signal.SIGINT)
-        _, err = child.communicate(timeout=60)
+        _, err = child.communicate(timeout=180)
     finally:
         if child.poll() is None:
             child.kill()
