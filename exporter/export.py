@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import diffusers
@@ -22,7 +23,7 @@ import postdiff
 from postdiff.exporter.bundle import publish, staging_folder
 from postdiff.exporter.macs import count_macs
 from postdiff.exporter.lora import check_lora_scale, fuse_lora
-from postdiff.exporter.merge import BranchGraph, merge_branches, merged_output_name, tensor_specs
+from postdiff.exporter.merge import BranchGraph, covering_roles, merge_branches, merged_output_name, tensor_specs
 from postdiff.exporter.models import LoadedModel, load_model
 from postdiff.exporter.options import ExportOptions, check_options, source_id
 from postdiff.exporter.scheduler_config import normalize_config, scheduler_class
@@ -216,12 +217,14 @@ def _export_merged(model: LoadedModel, plans: list[GraphPlan], graphs: dict[str,
                    scratch: Path, precision: str, store: WeightStore) -> GraphSpec:
     """The merged UNet graph (exporter/merge.py): one dynamic-shape trace per cache role, merged as ``If``
     branches over the shared weights, then checked against torch at every concrete variant it serves."""
-    roles: dict[tuple[str, int, str], GraphPlan] = {}
-    for plan in plans:  # one branch per role, traced at the first variant that has it
-        roles.setdefault((plan.variant.deep, plan.variant.branch, plan.variant.xattn), plan)
+    role_of = {p.name: (p.variant.deep, p.variant.branch, p.variant.xattn) for p in plans}
+    covering = covering_roles(list(dict.fromkeys(role_of.values())))
+    roles = list(dict.fromkeys(covering.values()))  # one branch per covering role
     branches = []
-    for (deep, branch, xattn), plan in roles.items():
-        dynamic = unet_plan(model, plan.variant, dynamic=True)
+    for deep, branch, xattn in roles:  # traced at the shapes of the first variant it serves
+        first = next(p for p in plans if covering[role_of[p.name]] == (deep, branch, xattn))
+        variant = replace(first.variant, deep=deep, branch=branch, xattn=xattn)
+        dynamic = unet_plan(model, variant, dynamic=True)
         if precision == "fp16":
             dynamic = half_precision(dynamic)
         export_onnx(dynamic, scratch / "branch.onnx")
@@ -243,7 +246,7 @@ def _export_merged(model: LoadedModel, plans: list[GraphPlan], graphs: dict[str,
     serves = []
     for plan in plans:
         spec = graphs[plan.name]
-        branch = index[(plan.variant.deep, plan.variant.branch, plan.variant.xattn)]
+        branch = index[covering[role_of[plan.name]]]
         taken = {t.name for t in spec.inputs}
         placeholders = tuple(_natural_spec(*references[t.name], plan.variant) for t in inputs
                              if t.name not in taken and t.name != selector)

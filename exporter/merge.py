@@ -6,7 +6,10 @@ or ``If`` branches, use it. :func:`merge_branches` therefore builds one ONNX gra
 dynamic-shape traces of each cache role (plain, DeepCache write/read, cross-attention write/read
 and their combinations): an int32 scalar ``selector`` input chooses the branch; every branch reads
 the same top-level initializers, one per distinct payload, so the weights live once in the graph,
-in the shared weights file and in an engine built from it.
+in the shared weights file and in an engine built from it. A role that a wider role computes (a
+cache write is the plain computation plus an output) gets no branch of its own
+(:func:`covering_roles`): TensorRT compiles every branch once per optimization profile, so the
+branches, not the weights, are what the engine grows with.
 
 Three TensorRT rules shape the selection (measured with TensorRT-RTX 1.7, docs/tensorrt.md): an
 ``If`` nested in another's branch does not build; both branches of an ``If`` must return equal
@@ -54,6 +57,27 @@ class BranchGraph:
     xattn: str
     model: onnx.ModelProto
     initializers: dict[str, str]  # initializer name -> payload key (WeightStore.externalize)
+
+
+Role = tuple[str, int, str]  # (deep, DeepCache branch id, xattn) of a UNet variant
+
+
+def _computes(wide: Role, narrow: Role) -> bool:
+    """Whether the branch of role ``wide`` returns every output of role ``narrow`` from ``narrow``'s own
+    inputs. A cache *write* is the plain computation plus one more output, so a write role computes the
+    role without it: (write, b, x) computes (none, 0, x), and (d, b, write) computes (d, b, none)."""
+    (deep, branch, xattn), (deep0, branch0, xattn0) = wide, narrow
+    deep_ok = (deep, branch) == (deep0, branch0) or (deep0 == "none" and deep == "write")
+    return deep_ok and (xattn == xattn0 or (xattn0 == "none" and xattn == "write"))
+
+
+def covering_roles(roles: Sequence[Role]) -> dict[Role, Role]:
+    """Each role -> the role whose branch computes it in the merged graph: the first (in ``roles``'
+    order) of the roles no other role computes. TensorRT compiles every branch once per optimization
+    profile, so each role folded into a wider one removes a branch's kernels from every profile; the
+    wider branch's extra cache outputs are ignored (the variant's outputs are its own)."""
+    kept = [r for r in roles if not any(o != r and _computes(o, r) for o in roles)]
+    return {r: next(k for k in kept if _computes(k, r)) for r in roles}
 
 
 def merged_output_name(name: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -631,9 +632,16 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
     return None
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (``kill``, a service manager, a CI timeout) stops a command as Ctrl-C does: the same
+    clean-up runs, so nothing half-written is left behind."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `postdiff` console script; returns one of :data:`EXIT_CODES`."""
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:

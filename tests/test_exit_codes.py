@@ -7,8 +7,10 @@ from __future__ import annotations
 import importlib
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -187,6 +189,23 @@ def test_interrupt_exits_130_and_writes_nothing(capsys, command: str, tiny_bundl
     code, text = run(capsys, *argv)
     assert code == 130 and f"postdiff {command}: interrupted" in text
     assert list(tmp_path.iterdir()) == []  # no partial output, no staging folder
+
+
+def test_sigterm_during_export_exits_130_and_leaves_nothing(tmp_path: Path) -> None:
+    """A real SIGTERM, sent once the export has started writing its staging folder."""
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-m", "postdiff.cli", "export", "random:tiny-sd", "--out", str(out),
+                              "--quiet"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".out.") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+        if child.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert child.poll() is None, "the export ended before it could be interrupted"
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and "postdiff export: interrupted" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def _run_blocked(blocked: tuple[str, ...], *argv: str) -> subprocess.CompletedProcess[str]:

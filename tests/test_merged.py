@@ -55,6 +55,35 @@ def test_merged_manifest_serves_every_variant_from_the_shared_weights(tiny_merge
         assert all(DYNAMIC not in t.shape for t in served.placeholders)
 
 
+def test_write_roles_cover_the_roles_without_the_write() -> None:
+    """The seven cache roles of postdiff-sd15 + baseline fold into four branches: a write computes the
+    role without it (one more output), a read computes nothing but itself."""
+    from postdiff.exporter.merge import covering_roles
+
+    roles = [("write", 1, "none"), ("read", 1, "none"), ("write", 1, "write"), ("write", 1, "read"),
+             ("read", 1, "read"), ("none", 0, "read"), ("none", 0, "none")]
+    assert covering_roles(roles) == {
+        ("write", 1, "none"): ("write", 1, "write"), ("read", 1, "none"): ("read", 1, "none"),
+        ("write", 1, "write"): ("write", 1, "write"), ("write", 1, "read"): ("write", 1, "read"),
+        ("read", 1, "read"): ("read", 1, "read"), ("none", 0, "read"): ("write", 1, "read"),
+        ("none", 0, "none"): ("write", 1, "write")}
+    assert covering_roles([("none", 0, "none")]) == {("none", 0, "none"): ("none", 0, "none")}
+    # a read of one DeepCache branch is not computed by a write of another
+    assert covering_roles([("read", 1, "none"), ("write", 2, "none")])[("read", 1, "none")] == ("read", 1, "none")
+
+
+def test_every_variant_runs_on_a_branch_that_reads_only_its_inputs(tiny_merged_bundle: Path) -> None:
+    """A variant served by a wider branch (a write role for a role without it): the branch reads no input
+    the variant lacks (those are placeholders, zeros) and fills every output the variant returns."""
+    info = load_manifest(tiny_merged_bundle, verify=False).graph("unet-merged").merged
+    assert any((b.deep, b.xattn) != (s.variant.deep, s.variant.xattn)
+               for s in info.serves for b in [info.branches[s.branch]])  # some variant is folded
+    for served in info.serves:
+        branch = info.branches[served.branch]
+        assert set(branch.inputs) <= {t.name for t in served.inputs}, served.variant
+        assert {info.output_names[t.name] for t in served.outputs} <= set(branch.outputs), served.variant
+
+
 def test_merged_ifs_are_flat(tiny_merged_bundle: Path) -> None:
     """TensorRT(-RTX 1.7) builds no If nested in another If's branch."""
     graph = onnx.load(str(tiny_merged_bundle / "unet-merged.onnx"), load_external_data=False).graph
