@@ -12,6 +12,7 @@ from postdiff.exporter.torch_reference import DIFFUSERS_SCHEDULERS, diffusers_ge
 from postdiff.errors import InputError
 from postdiff.profiles.presets import resolve_schedule
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
+from tolerances import latent_tolerance
 
 # stable-diffusion-2-1's scheduler_config.json (v-prediction, DDIM, "leading" spacing).
 SD21_SCHEDULER = {
@@ -22,11 +23,6 @@ SD21_SCHEDULER = {
     "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "thresholding": False,
     "timestep_spacing": "leading", "trained_betas": None,
 }
-
-
-def latent_tolerance(theirs: np.ndarray) -> float:
-    """1e-4, or 3e-6 of the latents' scale where a random UNet drives them far past 1 (LCM: ~75)."""
-    return max(1e-4, 3e-6 * float(np.abs(theirs).max()))
 
 
 def with_scheduler(bundle: Path, tmp_path: Path, config: dict) -> Path:
@@ -52,6 +48,22 @@ def diffusers_generation(model, scheduler: str, options: GenerateOptions, latent
     diffusers' own VaeImageProcessor, so that our to_uint8 is checked, not used on both sides)."""
     return diffusers_generate(model, scheduler, options.prompt, options.negative_prompt, options.steps,
                               options.guidance, latents, height, width, seed=options.seed)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "lcm"])
+def test_the_tolerance_catches_a_guidance_off_by_a_thousandth(tiny_bundle: Path, tiny_model, scheduler: str) -> None:
+    """The latent tolerance (tests/tolerances.py) is not so loose that a small real error passes: diffusers
+    with guidance 7.5 against diffusers with 7.5075 differs by more than it allows (LCM: the largest
+    latents, so the loosest absolute tolerance)."""
+    pipeline = Pipeline(tiny_bundle)
+    options = GenerateOptions(prompt="a red cube on a table", negative_prompt="blurry", seed=3, steps=8,
+                              guidance=7.5, scheduler=scheduler)
+    latents = pipeline.initial_latents(options.seed)
+    right, _ = diffusers_generation(tiny_model, scheduler, options, latents, 32, 32)
+    wrong, _ = diffusers_generation(tiny_model, scheduler, replace(options, guidance=7.5 * 1.001), latents, 32, 32)
+    diff = float(np.max(np.abs(wrong - right)))
+    print(f"{scheduler}: guidance x1.001 moves the final latents by {diff:.2e} (tolerance {latent_tolerance(right):.2e})")
+    assert diff > latent_tolerance(right)
 
 
 @pytest.mark.parametrize("scheduler", sorted(DIFFUSERS_SCHEDULERS))

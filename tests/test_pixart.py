@@ -22,17 +22,12 @@ from postdiff.profiles.schedule_builder import ScheduleKnobs, build_schedule
 from postdiff.runtime import names
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
 from postdiff.runtime.schedulers import available_schedulers
+from tolerances import latent_tolerance
 
 PIXART_SCHEDULES = ("baseline", "postdiff-pixart")
 # Every sampler the runtime can build from PixArt-alpha's scheduler config (PNDM refuses it: the config
 # leaves skip_prk_steps at False, whose Runge-Kutta warm-up is not ported).
 PIXART_SAMPLERS = tuple(available_schedulers(normalize_config(PIXART_SCHEDULER_CONFIG)))
-
-
-def latent_tolerance(theirs: np.ndarray) -> float:
-    """1e-4, or 3e-6 of the latents' scale where a random transformer drives them far past 1 (as
-    tests/test_parity_diffusers.py and tests/test_sdxl.py hold SD and SDXL bundles)."""
-    return max(1e-4, 3e-6 * float(np.abs(theirs).max()))
 
 
 @pytest.fixture(scope="module")

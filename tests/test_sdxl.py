@@ -18,14 +18,9 @@ from postdiff.profiles.presets import resolve_schedule
 from postdiff.runtime import names
 from postdiff.runtime.conditioning import SizeConditioning
 from postdiff.runtime.pipeline import GenerateOptions, Pipeline
+from tolerances import latent_tolerance
 
 SDXL_SCHEDULES = ("baseline", "postdiff-sdxl")
-
-
-def latent_tolerance(theirs: np.ndarray) -> float:
-    """1e-4, or 3e-6 of the latents' scale where a random UNet drives them far past 1 (LCM), as
-    tests/test_parity_diffusers.py holds SD bundles."""
-    return max(1e-4, 3e-6 * float(np.abs(theirs).max()))
 
 
 @pytest.fixture(scope="module")
