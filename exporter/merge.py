@@ -74,7 +74,7 @@ def _computes(wide: Role, narrow: Role) -> bool:
 def covering_roles(roles: Sequence[Role]) -> dict[Role, Role]:
     """Each role -> the role whose branch computes it in the merged graph: the first (in ``roles``'
     order) of the roles no other role computes. TensorRT compiles every branch once per optimization
-    profile, so each role folded into a wider one removes a branch's kernels from every profile; the
+    profile, so each role folded into a wider one removes a branch's plan from every profile; the
     wider branch's extra cache outputs are ignored (the variant's outputs are its own)."""
     kept = [r for r in roles if not any(o != r and _computes(o, r) for o in roles)]
     return {r: next(k for k in kept if _computes(k, r)) for r in roles}
