@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,11 @@ def test_ctrl_c_leaves_the_cache_consistent_and_a_rerun_computes_only_the_rest(
         "    recorded.append(record)",
         "    if len(recorded) == 1:",
         "        os.kill(os.getpid(), signal.SIGINT)",
+        # Python's handler raises KeyboardInterrupt at the next bytecode of this (main) thread. Once in CI
+        # (AMD, full suite) the run went on to exit 0 instead; cause not found. So the child says so and
+        # raises what the handler would, and the test warns: the tuner's clean-up is still what is tested.
+        "        print('SIGINT did not raise; handler:', signal.getsignal(signal.SIGINT), file=sys.stderr)",
+        "        raise KeyboardInterrupt",
         "tune.TuneCache.add = add_then_interrupt",
         "sys.exit(main(sys.argv[2:]))"])
     command = [sys.executable, "-c", script, ",".join(PRESET_LIKE),
@@ -154,6 +160,8 @@ def test_ctrl_c_leaves_the_cache_consistent_and_a_rerun_computes_only_the_rest(
         if child.poll() is None:
             child.kill()
     assert child.returncode == 130 and "interrupted" in err, err
+    if "SIGINT did not raise" in err:
+        warnings.warn(f"the child's own SIGINT did not interrupt it: {err.splitlines()[-2:]}")
     before = fidelity_lines(cache)  # every line whole (json.loads would raise on a torn one)
     assert len({r["name"] for r in before}) == len(before) >= 1
     assert not out.exists()
