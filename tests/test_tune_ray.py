@@ -12,7 +12,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -133,6 +132,9 @@ def test_ctrl_c_leaves_the_cache_consistent_and_a_rerun_computes_only_the_rest(
     # result: mid-run on any machine (sent from outside, it raced a fast quiet run to its end).
     script = "\n".join([
         "import os, signal, sys",
+        # A terminal's Ctrl-C reaches Python's own handler; a child of a job started with `&` by a
+        # non-interactive shell inherits SIGINT ignored (seen in CI: the run went on to exit 0).
+        "signal.signal(signal.SIGINT, signal.default_int_handler)",
         "from postdiff.cli import main",
         "from postdiff.tools import tune",
         "pool = [c for c in tune.candidates() if c.name in sys.argv[1].split(',')]",
@@ -143,11 +145,6 @@ def test_ctrl_c_leaves_the_cache_consistent_and_a_rerun_computes_only_the_rest(
         "    recorded.append(record)",
         "    if len(recorded) == 1:",
         "        os.kill(os.getpid(), signal.SIGINT)",
-        # Python's handler raises KeyboardInterrupt at the next bytecode of this (main) thread. Once in CI
-        # (AMD, full suite) the run went on to exit 0 instead; cause not found. So the child says so and
-        # raises what the handler would, and the test warns: the tuner's clean-up is still what is tested.
-        "        print('SIGINT did not raise; handler:', signal.getsignal(signal.SIGINT), file=sys.stderr)",
-        "        raise KeyboardInterrupt",
         "tune.TuneCache.add = add_then_interrupt",
         "sys.exit(main(sys.argv[2:]))"])
     command = [sys.executable, "-c", script, ",".join(PRESET_LIKE),
@@ -160,8 +157,6 @@ def test_ctrl_c_leaves_the_cache_consistent_and_a_rerun_computes_only_the_rest(
         if child.poll() is None:
             child.kill()
     assert child.returncode == 130 and "interrupted" in err, err
-    if "SIGINT did not raise" in err:
-        warnings.warn(f"the child's own SIGINT did not interrupt it: {err.splitlines()[-2:]}")
     before = fidelity_lines(cache)  # every line whole (json.loads would raise on a torn one)
     assert len({r["name"] for r in before}) == len(before) >= 1
     assert not out.exists()
