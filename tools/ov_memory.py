@@ -14,8 +14,9 @@ needs write access to the process's own cgroup) that lets it allocate, once its 
 ``X`` times the weights more, page cache included (at the limit the kernel first drops clean file
 pages): a form that fits completes, with the major page faults of a second round of calls (weights
 read back from the file during inference), and one that does not is killed by the kernel and
-reported as such (as is one still running after two minutes: near its limit it re-reads weights without end). Forms: ``ort`` (ONNX Runtime, shared initializers), ``ov-graphs`` (one OpenVINO compiled
-model per graph), ``ov-set`` (all graphs in one OpenVINO model, :mod:`~postdiff.runtime.runners.openvino_set`),
+reported as such (as is one still running after two minutes: near its limit a form can re-read
+weights without end). Forms: ``ort`` (ONNX Runtime, shared initializers), ``ov-graphs`` (one OpenVINO
+compiled model per graph), ``ov-set`` (all graphs in one OpenVINO model, :mod:`~postdiff.runtime.runners.openvino_set`),
 ``ov-merged`` (OpenVINO on the merged UNet graph, each variant a branch of it), each OpenVINO form at
 fp32 and at bf16 where the CPU has it. Memory, not time: it may run on a loaded machine.
 """
@@ -57,7 +58,7 @@ def _own_memory_cgroup() -> tuple[Path, str]:
     raise InputError("--limit: this process is in no memory cgroup (/proc/self/cgroup); run without --limit")
 
 
-def _enter_limited_cgroup(allowance: int) -> Path:
+def _enter_limited_cgroup(allowance: int) -> None:
     """Move this process into a new child of its memory cgroup that lets it charge ``allowance`` more bytes.
 
     Pages the process already holds stay charged to the old cgroup (neither cgroup version moves them),
@@ -77,7 +78,6 @@ def _enter_limited_cgroup(allowance: int) -> Path:
     except OSError as exc:
         raise InputError(f"--limit: cannot create a memory cgroup under {parent} ({exc}); "
                          "run as a user who may, or without --limit") from None
-    return child
 
 
 def _drop_cached(bundle: Path) -> None:
