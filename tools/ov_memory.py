@@ -48,13 +48,13 @@ def _rss_kb(field: str) -> int:
 
 def _own_memory_cgroup() -> tuple[Path, str]:
     """This process's memory cgroup directory and its limit file (cgroup v1 or v2)."""
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
+    entries = [line.split(":", 2) for line in Path("/proc/self/cgroup").read_text().splitlines()]
+    for _, controllers, path in entries:  # a v1 memory hierarchy first (hybrid systems have both)
         if "memory" in controllers.split(","):
             return Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.limit_in_bytes"
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        if line.startswith("0::"):
-            return Path("/sys/fs/cgroup") / line[3:].lstrip("/"), "memory.max"
+    for number, _, path in entries:
+        if number == "0":
+            return Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.max"
     raise InputError("--limit: this process is in no memory cgroup (/proc/self/cgroup); run without --limit")
 
 
@@ -191,6 +191,28 @@ def _remove_cgroup(pid: int) -> None:
         pass  # nothing made, or nothing we may remove: the kernel keeps an empty cgroup harmlessly
 
 
+def _run_one(command: list[str], form: str, precision: str, limit_x: float | None) -> str:
+    """Run one ``one`` measurement process; its JSON line, or one saying why it gave none."""
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    failed = {"form": form, "precision": precision}
+    try:
+        stdout, stderr = run.communicate(timeout=None if limit_x is None else LIMIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:  # near its limit a form can thrash (weights read back) for ever
+        run.kill()
+        run.communicate()
+        return json.dumps({**failed, "limit_x": limit_x, "fits": False,
+                           "error": f"not done after {LIMIT_TIMEOUT_S} s under the limit (thrashing)"})
+    finally:
+        if limit_x is not None:
+            _remove_cgroup(run.pid)
+    if run.returncode == -9 and limit_x is not None:
+        return json.dumps({**failed, "limit_x": limit_x, "fits": False,
+                           "error": "killed by the kernel: does not fit under the limit"})
+    if run.returncode:
+        return json.dumps({**failed, "error": stderr.strip().splitlines()[-1:]})
+    return stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,25 +245,7 @@ def main() -> None:
             for precision in (["fp32"] if form == "ort" else args.precisions):
                 command = [sys.executable, "-m", "postdiff.tools.ov_memory", "one", str(args.bundle), form, precision,
                            "--schedule", args.schedule] + ([] if args.limit is None else ["--limit", str(args.limit)])
-                run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                try:
-                    stdout, stderr = run.communicate(timeout=None if args.limit is None else LIMIT_TIMEOUT_S)
-                except subprocess.TimeoutExpired:  # near its limit a form can thrash (weights read back) for ever
-                    run.kill()
-                    run.communicate()
-                    _remove_cgroup(run.pid)
-                    print(json.dumps({"form": form, "precision": precision, "limit_x": args.limit, "fits": False,
-                                      "error": f"not done after {LIMIT_TIMEOUT_S} s under the limit (thrashing)"}))
-                    continue
-                if args.limit is not None:
-                    _remove_cgroup(run.pid)
-                if run.returncode == -9 and args.limit is not None:
-                    print(json.dumps({"form": form, "precision": precision, "limit_x": args.limit, "fits": False,
-                                      "error": "killed by the kernel: does not fit under the limit"}))
-                elif run.returncode:
-                    print(json.dumps({"form": form, "precision": precision, "error": stderr.strip().splitlines()[-1:]}))
-                else:
-                    print(stdout.strip())
+                print(_run_one(command, form, precision, args.limit))
 
 
 if __name__ == "__main__":
