@@ -78,3 +78,17 @@ def test_memory_passes_a_measurement_through_and_reports_a_crash(limit_x) -> Non
     assert _outcome("print('{\"form\": \"ov-set\", \"fits\": true}')", limit_x) == {"form": "ov-set", "fits": True}
     crashed = _outcome("raise SystemExit('no bundle here')", limit_x)
     assert crashed == {"form": "ov-set", "precision": "fp32", "error": ["no bundle here"]}
+
+
+def test_memory_measures_chosen_graphs_as_one_variant_set(tiny_postdiff_bundle: Path) -> None:
+    pytest.importorskip("openvino")
+    from postdiff.errors import InputError
+    from postdiff.runtime.manifest import load_manifest
+
+    manifest = load_manifest(tiny_postdiff_bundle, verify=False)
+    graphs = sorted(name for name in manifest.graphs if name.startswith("unet-"))[:2]
+    figures = ov_memory.measure_one(tiny_postdiff_bundle, "ov-set", "fp32", graphs=graphs)
+    assert figures["graphs"] == 2 and figures["precision"] == ["fp32"]
+    assert 0 < figures["x_weights_private_after_loading"] and 0 < figures["x_weights_held_private"]
+    with pytest.raises(InputError, match="--forms ov-set"):
+        ov_memory.measure_one(tiny_postdiff_bundle, "ort", "fp32", graphs=graphs)

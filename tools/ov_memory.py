@@ -9,7 +9,9 @@ graph that schedule runs, calls each once with zeros, and prints the peak reside
 process's RSS before loading, as a multiple of the bytes of ``unet.weights`` (one copy of the UNet's
 weights), and the same for what it holds after the calls: all of it (VmRSS) and its private part
 (RssAnon; the rest is file-backed: pages of the weights file OpenVINO maps, which the kernel may drop
-and read again). ``--limit X`` runs each form in a memory cgroup (v1 or v2;
+and read again), and the private part once the graphs are loaded, before any call. ``--graphs NAME ...``
+measures exactly those UNet graphs of the manifest as one OpenVINO variant set (``--forms ov-set``):
+which graphs add memory to the set, and how much. ``--limit X`` runs each form in a memory cgroup (v1 or v2;
 needs write access to the process's own cgroup) that lets it allocate, once its libraries are loaded,
 ``X`` times the weights more, page cache included (at the limit the kernel first drops clean file
 pages): a form that fits completes, with the major page faults of a second round of calls (weights
@@ -119,8 +121,9 @@ def export(out: Path, width: float, resolution: int, merged: bool = True) -> Non
 
 
 def measure_one(bundle: Path, form: str, precision: str, schedule_spec: str = SCHEDULE,
-                limit_x: float | None = None) -> dict:
-    """Load the schedule's UNet graphs in ``form`` in this process, call each once; the figures.
+                limit_x: float | None = None, graphs: list[str] | None = None) -> dict:
+    """Load the schedule's UNet graphs (or ``graphs``, as an ov-set) in ``form`` in this process, call
+    each once; the figures.
 
     With ``limit_x``, first move this process into a memory cgroup that lets it allocate ``limit_x``
     times the weights more, page cache included (the kernel kills it if the form does not fit).
@@ -144,7 +147,16 @@ def measure_one(bundle: Path, form: str, precision: str, schedule_spec: str = SC
 
     schedule = resolve_schedule(schedule_spec)  # every step at this run's precision
     schedule = replace(schedule, steps=tuple(replace(step, precision="auto") for step in schedule.steps))
-    if form == "ov-merged":  # the runtime refuses this form (wrong results, docs/openvino.md): built by hand
+    if graphs:  # exactly these UNet graphs as one variant set (which graphs add memory, and how much)
+        from postdiff.runtime.manifest import load_manifest
+        from postdiff.runtime.runners.openvino_set import OpenVinoVariantSet
+
+        if form != "ov-set":
+            raise InputError(f"--graphs is measured as the ov-set form, not {form}; add --forms ov-set")
+        variant_set = OpenVinoVariantSet(bundle, load_manifest(bundle, verify=False), graphs, precision)
+        runners = [variant_set.runner(name) for name in graphs]
+        ran = [variant_set.precision]
+    elif form == "ov-merged":  # the runtime refuses this form (wrong results, docs/openvino.md): built by hand
         from postdiff.runtime.executor import resolve_graphs
         from postdiff.runtime.manifest import load_manifest
         from postdiff.runtime.runners.branch import BranchRunner
@@ -165,6 +177,7 @@ def measure_one(bundle: Path, form: str, precision: str, schedule_spec: str = SC
         for runner in runners:
             runner.infer({t.name: np.zeros(t.shape, t.dtype) for t in runner.spec.inputs})
 
+    loaded = (_rss_kb("RssAnon") - anon_before) * 1024  # what compiling took: weights packed before any call
     call_each()
     peak = (_rss_kb("VmHWM") - before) * 1024
     now = (_rss_kb("VmRSS") - before) * 1024
@@ -172,7 +185,8 @@ def measure_one(bundle: Path, form: str, precision: str, schedule_spec: str = SC
     figures = {"form": form, "precision": ran, "graphs": len(runners), "weights_mb": round(weights / 2**20, 1),
                "peak_above_start_mb": round(peak / 2**20, 1), "x_weights_peak": round(peak / weights, 2),
                "held_after_calls_mb": round(now / 2**20, 1), "x_weights_held": round(now / weights, 2),
-               "x_weights_held_private": round(anon / weights, 2)}
+               "x_weights_held_private": round(anon / weights, 2),
+               "x_weights_private_after_loading": round(loaded / weights, 2)}
     if limit_x is not None:
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         call_each()
@@ -229,22 +243,26 @@ def main() -> None:
     mea.add_argument("--schedule", default=SCHEDULE, help=f"schedule whose graphs are loaded (default {SCHEDULE})")
     mea.add_argument("--limit", type=float, metavar="X",
                      help="run each form in a memory cgroup that lets it allocate X times the weights beyond its libraries")
+    mea.add_argument("--graphs", nargs="+", metavar="NAME",
+                     help="measure exactly these UNet graphs of the manifest as one variant set (with --forms ov-set)")
     one = sub.add_parser("one")  # one measurement, in its own process (what `measure` runs)
     one.add_argument("bundle", type=Path)
     one.add_argument("form", choices=FORMS)
     one.add_argument("precision")
     one.add_argument("--schedule", default=SCHEDULE)
     one.add_argument("--limit", type=float, metavar="X")
+    one.add_argument("--graphs", nargs="+", metavar="NAME")
     args = parser.parse_args()
     if args.command == "export":
         export(args.out, args.width, args.resolution, merged=not args.no_merged)
     elif args.command == "one":
-        print(json.dumps(measure_one(args.bundle, args.form, args.precision, args.schedule, args.limit)))
+        print(json.dumps(measure_one(args.bundle, args.form, args.precision, args.schedule, args.limit, args.graphs)))
     else:
         for form in args.forms:
             for precision in (["fp32"] if form == "ort" else args.precisions):
                 command = [sys.executable, "-m", "postdiff.tools.ov_memory", "one", str(args.bundle), form, precision,
                            "--schedule", args.schedule] + ([] if args.limit is None else ["--limit", str(args.limit)])
+                command += ["--graphs", *args.graphs] if args.graphs else []
                 print(_run_one(command, form, precision, args.limit))
 
 

@@ -1,7 +1,8 @@
 """All UNet graphs of a bundle as one OpenVINO compiled model, sharing what OpenVINO lets them share.
 
 OpenVINO's CPU plugin repacks every weight it compiles (blocked layouts, and a bf16 copy at bf16)
-into a weights cache that belongs to one compiled model, keyed by the weight's source memory. UNet
+into a weights cache that belongs to one compiled model, keyed by the weight's source memory and the
+packed layout. UNet
 variants compiled one by one therefore hold one packed copy each -- even when their ONNX files
 reference one external weights file. Here they are compiled together instead:
 
@@ -16,8 +17,9 @@ reference one external weights file. Here they are compiled together instead:
 How much this saves, measured (OpenVINO 2026.4, CPU, the nine UNet graphs of postdiff-sd15 on a
 0.4x-width SD-1.5-layout model at 256x256, 542 MB of weights; proportional set after one call each):
 fp32 1.8 GB as one model vs 4.3 GB compiled one by one; bf16 2.4 GB vs 3.1 GB. It is not one copy:
-each If body keeps its own activation memory, and at bf16 each body converts the shared f32 weights
-to bf16 for itself (a shared bf16 Constant + Convert pattern was worse: the plugin decompresses it
+oneDNN picks a weight's packed layout by each graph's batch and resolution, and each layout is packed
+once more (docs/openvino.md, "Where the variant set's extra memory goes"); at bf16 each body also
+converts the shared f32 weights to bf16 for itself (a shared bf16 Constant + Convert pattern was worse: the plugin decompresses it
 per body). ONNX Runtime's shared initializers hold the same set in 1.3x the weights.
 
 Each graph keeps a :class:`Runner` of its own (:meth:`OpenVinoVariantSet.runner`): it feeds its own
